@@ -1,0 +1,1 @@
+// Shared Metal helpers (see docs/kernels.md).

@@ -1,0 +1,203 @@
+"""Engine configuration: frozen dataclasses validated on construction.
+
+`EngineConfig.from_args` is the only place argparse touches configuration and
+`EngineConfig.from_env` the only place environment variables are read. Components get the
+narrowest config they need (`CacheConfig`, `SchedulerConfig`, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _check(cond: bool, name: str, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f"{name} must be {allowed}")
+
+
+def default_cache_dir() -> Path:
+    """Where converted models and other generated files live (never in the repo)."""
+    env = os.environ.get("MLXKV_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mlxkv"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Which model to load and how.
+
+    `model` is a local MLX/HF folder, a .gguf file, a Hugging Face repo id, or the name of an
+    embedded model; None means the embedded default (SmolLM2-135M-Instruct).
+    `dtype` None means float32 on CPU and the checkpoint's dtype elsewhere.
+    """
+
+    model: str | None = None
+    dtype: str | None = None
+    cache_dir: str | None = None
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            self.dtype in (None, "float32", "float16", "bfloat16"),
+            "dtype",
+            "float32, float16 or bfloat16",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Paged KV cache geometry and budget.
+
+    The pool holds `num_blocks` blocks per layer group when given; otherwise the number is
+    derived from `memory_budget_bytes`, or on Metal from `memory_fraction` of the device's
+    recommended working set, or on CPU from `cpu_default_budget_bytes`.
+    """
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    memory_budget_bytes: int | None = None
+    memory_fraction: float = 0.5
+    cpu_default_budget_bytes: int = 1 << 30
+    kv_codec: str = "auto"
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _check(
+            self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),
+            "block_size",
+            "a power of two in 1..128",
+        )
+        _check(self.num_blocks is None or self.num_blocks >= 2, "num_blocks", ">= 2 or None")
+        _check(
+            self.memory_budget_bytes is None or self.memory_budget_bytes > 0,
+            "memory_budget_bytes",
+            "> 0 or None",
+        )
+        _check(0.0 < self.memory_fraction <= 0.95, "memory_fraction", "in (0, 0.95]")
+        _check(bool(self.kv_codec), "kv_codec", "a codec name")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Continuous-batching limits.
+
+    `max_num_batched_tokens` is the per-step token budget (prefill chunks + decodes);
+    `max_model_len` None means the model's own context length; `max_waiting` bounds the
+    queue (beyond it new requests are refused with EngineOverloadedError -> HTTP 429).
+    """
+
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    enable_chunked_prefill: bool = True
+    max_waiting: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.max_num_seqs >= 1, "max_num_seqs", ">= 1")
+        _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", ">= 1")
+        _check(
+            self.max_model_len is None or self.max_model_len >= 1, "max_model_len", ">= 1 or None"
+        )
+        _check(self.max_waiting >= 1, "max_waiting", ">= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """HTTP surface settings. Binds loopback by default."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_body_bytes: int = 8 << 20
+    max_tokens_limit: int = 32768
+    max_n: int = 16
+    max_stop: int = 16
+    log_prompts: bool = False
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, "port", "in 0..65535")
+        _check(self.max_n >= 1, "max_n", ">= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything the engine needs, composed of the narrower configs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    seed: int = 0
+    kernel_verbose: bool = False
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        """Register the engine flags shared by `mlxkv generate|serve|bench`."""
+        g = parser.add_argument_group("engine")
+        g.add_argument(
+            "--model",
+            default=None,
+            help=f"local folder, .gguf file, HF repo id or embedded name (default: {DEFAULT_MODEL})",
+        )
+        g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+        g.add_argument("--cache-dir", default=None, help="where converted models are kept")
+        g.add_argument("--block-size", type=int, default=16)
+        g.add_argument("--num-blocks", type=int, default=None)
+        g.add_argument("--kv-memory", type=int, default=None, help="KV pool budget in bytes")
+        g.add_argument(
+            "--kv-codec", default="auto", help="auto, fp16, fp32, int8, int4, e8:k4v3, d4:k4v3, ..."
+        )
+        g.add_argument("--no-prefix-caching", action="store_true")
+        g.add_argument("--max-num-seqs", type=int, default=32)
+        g.add_argument("--max-num-batched-tokens", type=int, default=512)
+        g.add_argument("--max-model-len", type=int, default=None)
+        g.add_argument("--seed", type=int, default=0)
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> EngineConfig:
+        """Build a config from parsed CLI flags (the only place argparse meets config)."""
+        get = lambda name, default=None: getattr(ns, name, default)  # noqa: E731
+        base = cls.from_env()
+        return replace(
+            base,
+            model=ModelConfig(
+                model=get("model"),
+                dtype=get("dtype"),
+                cache_dir=get("cache_dir") or base.model.cache_dir,
+                served_model_name=get("served_model_name"),
+            ),
+            cache=CacheConfig(
+                block_size=get("block_size", 16),
+                num_blocks=get("num_blocks"),
+                memory_budget_bytes=get("kv_memory"),
+                kv_codec=get("kv_codec", "auto"),
+                enable_prefix_caching=not get("no_prefix_caching", False),
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=get("max_num_seqs", 32),
+                max_num_batched_tokens=get("max_num_batched_tokens", 512),
+                max_model_len=get("max_model_len"),
+            ),
+            server=ServerConfig(
+                host=get("host", "127.0.0.1"),
+                port=get("port", 8000),
+                api_key=get("api_key"),
+                log_prompts=get("log_prompts", False),
+            ),
+            seed=get("seed", 0),
+        )
+
+    @classmethod
+    def from_env(cls) -> EngineConfig:
+        """Defaults overlaid with environment variables (the only place env is read)."""
+        return cls(
+            model=ModelConfig(cache_dir=os.environ.get("MLXKV_CACHE_DIR")),
+            kernel_verbose=os.environ.get("MLXKV_KERNEL_VERBOSE", "0") == "1",
+        )
