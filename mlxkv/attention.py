@@ -1,0 +1,90 @@
+"""Paged attention over a flat batch: the pure-mx reference path (CPU path and kernel oracle).
+
+Each sequence's keys are gathered through its block table (decoded by the layer's codec)
+and masked by position: query at position p sees key j iff j <= p and, with a sliding
+window W, j > p - W. Decode-only sequences are batched into one attention call (their
+block tables are padded with the null block, which the mask hides); prefill chunks run
+one sequence at a time. No token padding is ever added to the batch.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from mlxkv.inputs import BatchInputs
+from mlxkv.kv_store import KVStore
+
+
+def _context(store: KVStore, layer_id: int, table: mx.array):
+    """Decoded K, V [rows, num_kv_heads, L, head_dim] for block tables [rows, num_blocks]."""
+    k, v = store.gather_blocks(layer_id, table)  # [rows, nb, bs, kvh, d]
+    rows = table.shape[0]
+    k = k.reshape(rows, -1, *k.shape[3:]).transpose(0, 2, 1, 3)
+    v = v.reshape(rows, -1, *v.shape[3:]).transpose(0, 2, 1, 3)
+    return k, v
+
+
+def _mask(q_pos: mx.array, length: int, window: int | None) -> mx.array:
+    """bool [..., Lq, L]: key j visible from query position p."""
+    key_pos = mx.arange(length)
+    p = q_pos[..., None]
+    mask = key_pos <= p
+    if window is not None:
+        mask = mask & (key_pos > p - window)
+    return mask
+
+
+def _decode_batch(q, store, layer_id, table, positions, scale, window):
+    """q [B, H, D] one token per sequence -> [B, H, D]."""
+    k, v = _context(store, layer_id, table)
+    mask = _mask(positions[:, None], k.shape[2], window)[:, None]  # [B, 1, 1, L]
+    out = mx.fast.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, mask=mask)
+    return out[:, :, 0]
+
+
+def _prefill_one(q, store, layer_id, table_row, start, seq_len, scale, window):
+    """q [Lq, H, D] of one sequence's chunk (positions start..seq_len-1) -> [Lq, H, D]."""
+    k, v = _context(store, layer_id, table_row[None])
+    k, v = k[:, :, :seq_len], v[:, :, :seq_len]
+    q_pos = mx.arange(start, seq_len)
+    mask = _mask(q_pos, seq_len, window)
+    out = mx.fast.scaled_dot_product_attention(
+        q.transpose(1, 0, 2)[None], k, v, scale=scale, mask=mask
+    )
+    return out[0].transpose(1, 0, 2)
+
+
+def paged_attention(
+    q: mx.array,
+    store: KVStore,
+    layer_id: int,
+    batch: BatchInputs,
+    scale: float,
+    sliding_window: int | None = None,
+) -> mx.array:
+    """Attention of the batch's queries q [T, H, D] over the paged store -> [T, H, D].
+
+    The step's K/V must already be written (KVStore.write) at batch.slot_mapping.
+    """
+    group = store.group_of_layer(layer_id)
+    tables = batch.block_tables[group]
+    if batch.is_decode_only:
+        return _decode_batch(q, store, layer_id, tables, batch.positions, scale, sliding_window)
+    starts, outs = batch.query_start_loc, []
+    decode_rows = [i for i in range(batch.num_seqs) if starts[i + 1] - starts[i] == 1]
+    decoded = None
+    if len(decode_rows) > 1:
+        rows = mx.array(decode_rows, dtype=mx.int32)
+        tok = mx.array([starts[i] for i in decode_rows], dtype=mx.int32)
+        decoded = _decode_batch(q[tok], store, layer_id, tables[rows], batch.positions[tok],
+                                scale, sliding_window)
+    for i in range(batch.num_seqs):
+        if decoded is not None and i in decode_rows:
+            outs.append(decoded[decode_rows.index(i)][None])
+            continue
+        nb = batch.num_blocks_list[group][i]
+        outs.append(
+            _prefill_one(q[starts[i] : starts[i + 1]], store, layer_id, tables[i, :nb],
+                         batch.start_positions[i], batch.seq_lens_list[i], scale, sliding_window)
+        )
+    return mx.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]

@@ -1,0 +1,128 @@
+"""The one seam between mlx-lm model classes (run unchanged) and mlxkv's paged store.
+
+A step's flat tokens are fed as a batch of T rows of length 1 (`[T, 1]`), so norms and
+MLPs run per token and RoPE takes a per-row offset (the token positions). Each layer gets a
+`PagedLayerCache`: `update_and_fetch` writes the step's K/V into the store at the batch's
+slots, and mlx-lm's `scaled_dot_product_attention` (patched in every mlx_lm.models module
+that imports it) computes paged attention over the store when handed such a cache, and
+defers to the original otherwise. Architectures that compute attention themselves
+(gemma2's soft-capping) are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from mlxkv.attention import paged_attention
+from mlxkv.inputs import BatchInputs
+from mlxkv.kv_spec import KVGroupSpec, make_group_specs
+from mlxkv.kv_store import KVStore
+
+UNSUPPORTED = {"gemma2": "computes soft-capped attention itself, outside mlx-lm's SDPA seam"}
+
+
+@dataclass
+class PagedLayerCache:
+    """Per-layer cache object mlx-lm's attention sees during one paged forward."""
+
+    layer_id: int
+    store: KVStore
+    batch: BatchInputs
+    sliding_window: int | None
+
+    @property
+    def offset(self) -> mx.array:
+        return self.batch.positions
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """keys/values [T, kvh, 1, D]: write them at the batch's slots; return them as is."""
+        group = self.store.group_of_layer(self.layer_id)
+        self.store.write(self.layer_id, self.batch.slot_mapping[group], keys[:, :, 0],
+                         values[:, :, 0])
+        return keys, values
+
+    def make_mask(self, *args, **kwargs):
+        return None  # masks are built by mlxkv.attention from positions
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def _make_paged_sdpa(original):
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+        if not isinstance(cache, PagedLayerCache):
+            return original(queries, keys, values, cache=cache, scale=scale, mask=mask,
+                            sinks=sinks)
+        if sinks is not None:
+            raise NotImplementedError("attention sinks are not supported by the paged path")
+        out = paged_attention(queries[:, :, 0], cache.store, cache.layer_id, cache.batch,
+                              scale, cache.sliding_window)
+        return out[:, :, None]
+
+    scaled_dot_product_attention._mlxkv_original = original
+    return scaled_dot_product_attention
+
+
+def install_seam() -> None:
+    """Route `scaled_dot_product_attention` of every loaded mlx_lm.models module (idempotent)."""
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("mlx_lm.models.") or module is None:
+            continue
+        fn = getattr(module, "scaled_dot_product_attention", None)
+        if fn is not None and not hasattr(fn, "_mlxkv_original"):
+            module.scaled_dot_product_attention = _make_paged_sdpa(fn)
+
+
+def model_type(model) -> str:
+    args = getattr(model, "args", None)
+    return getattr(args, "model_type", type(model).__module__.rsplit(".", 1)[-1])
+
+
+def check_supported(model) -> None:
+    kind = model_type(model)
+    if kind in UNSUPPORTED:
+        raise NotImplementedError(f"{kind} is not supported by the paged engine: {UNSUPPORTED[kind]}")
+
+
+def layer_windows(model) -> list[int | None]:
+    """Per layer sliding window, as mlx-lm's own make_cache decides it."""
+    from mlx_lm.models.cache import RotatingKVCache
+
+    if hasattr(model, "make_cache"):
+        return [c.max_size if isinstance(c, RotatingKVCache) else None for c in model.make_cache()]
+    return [None] * len(model.layers)
+
+
+def group_specs_for(model) -> list[KVGroupSpec]:
+    """KV groups of an mlx-lm model: layers sharing (window, kv heads, head dim)."""
+    heads, dims = [], []
+    for layer in model.layers:
+        attn = layer.self_attn
+        kvh = getattr(attn, "n_kv_heads", None) or getattr(attn, "num_key_value_heads")
+        heads.append(int(kvh))
+        dims.append(int(getattr(attn, "head_dim", attn.k_proj.weight.shape[0] // kvh)))
+    return make_group_specs(layer_windows(model), heads, dims)
+
+
+def _lm_head(model, hidden: mx.array) -> mx.array:
+    args = getattr(model, "args", None)
+    tied = getattr(model, "tie_word_embeddings", getattr(args, "tie_word_embeddings", False))
+    if tied or not hasattr(model, "lm_head"):
+        logits = model.model.embed_tokens.as_linear(hidden)
+    else:
+        logits = model.lm_head(hidden)
+    cap = getattr(args, "final_logit_softcapping", None)
+    if cap:
+        logits = mx.tanh(logits / cap) * cap
+    return logits
+
+
+def paged_forward(model, store: KVStore, batch: BatchInputs, windows) -> mx.array:
+    """Run the model on the batch over the store -> fp32 logits [S, vocab] (sampled rows)."""
+    caches = [PagedLayerCache(i, store, batch, w) for i, w in enumerate(windows)]
+    hidden = model.model(batch.input_ids[:, None], cache=caches)  # [T, 1, hidden]
+    hidden = hidden[batch.logits_indices, 0]
+    return _lm_head(model, hidden).astype(mx.float32)

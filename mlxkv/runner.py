@@ -1,0 +1,29 @@
+"""ModelRunner: one forward of an mlx-lm model over a BatchInputs -> logits of sampled rows."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from mlxkv.inputs import BatchInputs
+from mlxkv.kv_store import KVStore
+from mlxkv.models import adapter
+
+
+class ModelRunner:
+    """Owns the model and the store; knows nothing of requests or the scheduler."""
+
+    def __init__(self, model, store: KVStore):
+        adapter.check_supported(model)
+        adapter.install_seam()
+        self.model = model
+        self.store = store
+        self.windows = adapter.layer_windows(model)
+
+    def forward(self, batch: BatchInputs) -> mx.array:
+        """fp32 logits [num_sampling_seqs, vocab] (lazy; the store's writes are in the graph)."""
+        return adapter.paged_forward(self.model, self.store, batch, self.windows)
+
+    def copy_blocks(self, cow_copies: list[list[tuple[int, int]]]) -> None:
+        """Apply an allocation's per-group COW copies before the step's writes."""
+        for group_id, pairs in enumerate(cow_copies):
+            self.store.copy_blocks(group_id, pairs)
