@@ -159,6 +159,9 @@ class LLMEngine:
             if s.samples:
                 rows.append((req, len(entries) - 1))
         logits = self.runner.forward(build_batch(entries))
+        if not rows:  # only prefill chunks that do not reach the end: nothing to sample
+            mx.eval(logits, self.store.arrays())
+            return [], None, []
         sample_rows, logit_rows = [], []
         for row_idx, (req, _) in enumerate(list(rows)):
             for child in self._maybe_fork(req):

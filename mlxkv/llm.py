@@ -46,6 +46,8 @@ class LLM:
         results = {rid: {} for rid in ids}
         while self.engine.has_unfinished():
             for out in self.engine.step():
+                if out.request_id not in results:
+                    continue  # a request added to the engine directly
                 choice = results[out.request_id].setdefault(
                     out.index, {"text": "", "token_ids": [], "finish_reason": None,
                                 "num_cached_tokens": 0, "logprobs": []})

@@ -6,7 +6,9 @@ MLPs run per token and RoPE takes a per-row offset (the token positions). Each l
 slots, and mlx-lm's `scaled_dot_product_attention` (patched in every mlx_lm.models module
 that imports it) computes paged attention over the store when handed such a cache, and
 defers to the original otherwise. Architectures that compute attention themselves
-(gemma2's soft-capping) are refused with a clear error.
+(gemma2's soft-capping, listed in SELF_ATTENTION) get a padded fallback instead: each
+token row receives its sequence's gathered K/V and a position mask (correct, but it costs
+T x context memory, so it is only used where the SDPA seam cannot be).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from mlxkv.inputs import BatchInputs
 from mlxkv.kv_spec import KVGroupSpec, make_group_specs
 from mlxkv.kv_store import KVStore
 
-UNSUPPORTED = {"gemma2": "computes soft-capped attention itself, outside mlx-lm's SDPA seam"}
+UNSUPPORTED: dict[str, str] = {}
+SELF_ATTENTION = {"gemma2"}  # compute attention scores themselves, outside the SDPA seam
 
 
 @dataclass
@@ -32,6 +35,7 @@ class PagedLayerCache:
     store: KVStore
     batch: BatchInputs
     sliding_window: int | None
+    fallback_repeats: int | None = None  # set for SELF_ATTENTION models: GQA repeats
 
     @property
     def offset(self) -> mx.array:
@@ -42,10 +46,34 @@ class PagedLayerCache:
         group = self.store.group_of_layer(self.layer_id)
         self.store.write(self.layer_id, self.batch.slot_mapping[group], keys[:, :, 0],
                          values[:, :, 0])
-        return keys, values
+        if self.fallback_repeats is None:
+            return keys, values
+        return self._gather_rows()
+
+    def _row_tables(self, group: int) -> mx.array:
+        starts = self.batch.query_start_loc
+        seq_of_token = [i for i in range(self.batch.num_seqs) for _ in range(starts[i], starts[i + 1])]
+        return self.batch.block_tables[group][mx.array(seq_of_token, dtype=mx.int32)]
+
+    def _gather_rows(self):
+        group = self.store.group_of_layer(self.layer_id)
+        k, v = self.store.gather_blocks(self.layer_id, self._row_tables(group))
+        rows = k.shape[0]  # [T, nb, bs, kvh, D] -> [T, kvh, L, D]
+        k = k.reshape(rows, -1, *k.shape[3:]).transpose(0, 2, 1, 3)
+        v = v.reshape(rows, -1, *v.shape[3:]).transpose(0, 2, 1, 3)
+        return k, v
 
     def make_mask(self, *args, **kwargs):
-        return None  # masks are built by mlxkv.attention from positions
+        """None on the SDPA path (mlxkv.attention masks by position); a row mask otherwise."""
+        if self.fallback_repeats is None:
+            return None
+        group = self.store.group_of_layer(self.layer_id)
+        length = self.batch.block_tables[group].shape[1] * self.store.block_size
+        mask = mx.arange(length) <= self.batch.positions[:, None]
+        if self.sliding_window is not None:
+            mask = mask & (mx.arange(length) > self.batch.positions[:, None] - self.sliding_window)
+        extra = (1, 1, 1) if self.fallback_repeats > 1 else (1, 1)
+        return mask.reshape(mask.shape[0], *extra, length)
 
     def __bool__(self) -> bool:
         return True
@@ -122,7 +150,11 @@ def _lm_head(model, hidden: mx.array) -> mx.array:
 
 def paged_forward(model, store: KVStore, batch: BatchInputs, windows) -> mx.array:
     """Run the model on the batch over the store -> fp32 logits [S, vocab] (sampled rows)."""
-    caches = [PagedLayerCache(i, store, batch, w) for i, w in enumerate(windows)]
+    repeats = None
+    if model_type(model) in SELF_ATTENTION:
+        attn = model.layers[0].self_attn
+        repeats = attn.n_heads // attn.n_kv_heads
+    caches = [PagedLayerCache(i, store, batch, w, repeats) for i, w in enumerate(windows)]
     hidden = model.model(batch.input_ids[:, None], cache=caches)  # [T, 1, hidden]
     hidden = hidden[batch.logits_indices, 0]
     return _lm_head(model, hidden).astype(mx.float32)
