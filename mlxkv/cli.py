@@ -112,7 +112,7 @@ def cmd_serve(args) -> int:
         from server.serve import serve
     except ImportError as exc:
         raise MlxkvError(f"the server is not available: {exc}") from exc
-    serve(EngineConfig.from_args(args))
+    serve(EngineConfig.from_args(args), allow_remote=getattr(args, "allow_remote", False))
     return 0
 
 

@@ -1,0 +1,150 @@
+"""create_app(engine, config): the OpenAI-compatible FastAPI app. Routes only; no mx here.
+
+Handlers validate (pydantic + SamplingParams), build prompt token ids (chat template),
+and read the engine's async stream; the engine thread does everything else. A stream's
+first delta is awaited before the response starts, so engine-side refusals (bad input,
+overload, dead engine) become proper HTTP errors; closing a stream (client disconnect)
+aborts the request and frees its blocks.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import uuid
+from collections import Counter
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from mlxkv.config import ServerConfig
+from mlxkv.errors import InvalidRequestError, ModelNotFoundError
+from server import metrics as prom
+from server.engine_client import EngineClient
+from server.errors import install_error_handlers
+from server.middleware import BodyLimitMiddleware
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.streaming import collect, stream_chunks
+
+log = logging.getLogger("mlxkv.server")
+
+
+def _check_model(engine: EngineClient, name: str) -> None:
+    if name != engine.model_name:
+        raise ModelNotFoundError(f"model {name!r} is not served here (serving {engine.model_name!r})")
+
+
+def _chat_prompt(engine: EngineClient, req: ChatCompletionRequest) -> list[int]:
+    messages = []
+    for m in req.messages:
+        msg = {"role": m.role, "content": m.text()}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if getattr(m, key) is not None:
+                msg[key] = getattr(m, key)
+        messages.append(msg)
+    kwargs = {"tools": req.tools} if req.tools else {}
+    try:
+        ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+    except Exception as exc:  # no template, or the template rejects the conversation
+        raise InvalidRequestError(f"cannot apply the chat template: {exc}", "messages") from exc
+    if isinstance(ids, dict):
+        ids = ids["input_ids"]
+    if isinstance(ids, str):
+        ids = engine.tokenizer.encode(ids)
+    return [int(t) for t in ids]
+
+
+def _completion_prompt(engine: EngineClient, req: CompletionRequest) -> list[int]:
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise InvalidRequestError("send one prompt per request (batched prompts are not "
+                                      "supported)", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        return list(engine.tokenizer.encode(prompt))
+    return list(prompt)
+
+
+def _check_length(engine: EngineClient, ids: list[int], max_tokens: int | None) -> None:
+    if len(ids) + (max_tokens or 1) > engine.max_model_len:
+        raise InvalidRequestError(
+            f"this model's maximum context is {engine.max_model_len} tokens; the prompt has "
+            f"{len(ids)} tokens and {max_tokens or 1} more were requested", "messages")
+
+
+def create_app(engine: EngineClient, config: ServerConfig | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` (which must already be running)."""
+    config = config or ServerConfig()
+    app = FastAPI(title="mlxkv", version="0.1.0")
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    install_error_handlers(app)
+    http_counts: Counter[int] = Counter()
+
+    @app.middleware("http")
+    async def count_responses(request: Request, call_next):
+        response = await call_next(request)
+        http_counts[response.status_code] += 1
+        return response
+
+    async def require_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), config.api_key.encode()):
+            raise HTTPException(401, "invalid or missing API key",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/health")
+    async def health():
+        if not engine.is_healthy():
+            return JSONResponse({"status": "engine dead"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return prom.render(engine.metrics(), engine.cache_stats(), dict(http_counts))
+
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    async def models():
+        card = {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "mlxkv",
+                "max_model_len": engine.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/cache/stats", dependencies=[Depends(require_key)])
+    async def cache_stats():
+        return engine.cache_stats()
+
+    async def _generate(request: Request, kind: str, ids: list[int], body, params):
+        request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        _check_length(engine, ids, params.max_tokens)
+        if config.log_prompts:
+            log.info("%s prompt: %r", request_id, engine.tokenizer.decode(ids))
+        log.info("%s: %d prompt tokens, n=%d, max_tokens=%s", request_id, len(ids), params.n,
+                 params.max_tokens)
+        stream = engine.generate(request_id, ids, params).__aiter__()
+        first = await stream.__anext__()  # engine refusals raise here, before any byte is sent
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream:
+            chunks = stream_chunks(engine, kind, request_id, first, stream, params.n,
+                                   include_usage)
+            return StreamingResponse(chunks, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await collect(engine, kind, request_id, first, stream, params.n)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        _check_model(engine, body.model)
+        params = body.to_sampling_params(config)
+        return await _generate(request, "chat", _chat_prompt(engine, body), body, params)
+
+    @app.post("/v1/completions", dependencies=[Depends(require_key)])
+    async def completions(body: CompletionRequest, request: Request):
+        _check_model(engine, body.model)
+        params = body.to_sampling_params(config)
+        return await _generate(request, "text", _completion_prompt(engine, body), body, params)
+
+    return app
