@@ -39,3 +39,7 @@ class EngineOverloadedError(MlxkvError):
 
 class EngineDeadError(MlxkvError):
     """The engine thread has died; every stream fails with this (HTTP 503)."""
+
+
+class GenerationError(MlxkvError):
+    """A request failed inside the engine; other requests are unaffected (HTTP 500, reason given)."""

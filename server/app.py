@@ -15,16 +15,16 @@ import uuid
 from collections import Counter
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from mlxkv.config import ServerConfig
 from mlxkv.errors import InvalidRequestError, ModelNotFoundError
 from server import metrics as prom
 from server.engine_client import EngineClient
 from server.errors import install_error_handlers
-from server.middleware import BodyLimitMiddleware
+from server.middleware import BodyLimitMiddleware, StatusCountMiddleware
 from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.streaming import collect, stream_chunks
+from server.streaming import SSEResponse, collect, stream_chunks
 
 log = logging.getLogger("mlxkv.server")
 
@@ -79,15 +79,10 @@ def create_app(engine: EngineClient, config: ServerConfig | None = None) -> Fast
     """The FastAPI app serving `engine` (which must already be running)."""
     config = config or ServerConfig()
     app = FastAPI(title="mlxkv", version="0.1.0")
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
-    install_error_handlers(app)
     http_counts: Counter[int] = Counter()
-
-    @app.middleware("http")
-    async def count_responses(request: Request, call_next):
-        response = await call_next(request)
-        http_counts[response.status_code] += 1
-        return response
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(StatusCountMiddleware, counts=http_counts)
+    install_error_handlers(app)
 
     async def require_key(request: Request) -> None:
         if config.api_key is None:
@@ -131,8 +126,7 @@ def create_app(engine: EngineClient, config: ServerConfig | None = None) -> Fast
         if body.stream:
             chunks = stream_chunks(engine, kind, request_id, first, stream, params.n,
                                    include_usage)
-            return StreamingResponse(chunks, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return SSEResponse(chunks, stream)
         return await collect(engine, kind, request_id, first, stream, params.n)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])

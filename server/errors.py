@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mlxkv.errors import (
     EngineDeadError,
     EngineOverloadedError,
+    GenerationError,
     InvalidRequestError,
     MlxkvError,
     ModelNotFoundError,
@@ -43,6 +44,8 @@ def _mlxkv_error(_: Request, exc: MlxkvError) -> JSONResponse:
                               headers={"Retry-After": str(retry)})
     if isinstance(exc, EngineDeadError):
         return error_response(503, str(exc), "server_error", None, "engine_dead")
+    if isinstance(exc, GenerationError):
+        return error_response(500, str(exc), "server_error", None, "generation_failed")
     return error_response(500, "internal error", "server_error")
 
 

@@ -1,4 +1,5 @@
-"""ASGI middleware: request body size limit (413 before the body is parsed)."""
+"""ASGI middleware (pure ASGI, so streamed responses are never buffered or detached):
+request body size limit (413 before the body is parsed) and response status counting."""
 
 from __future__ import annotations
 
@@ -47,3 +48,22 @@ class BodyLimitMiddleware:
 
 class _TooLarge(Exception):
     pass
+
+
+class StatusCountMiddleware:
+    """Count responses by status code into `counts` (a Counter shared with /metrics)."""
+
+    def __init__(self, app, counts):
+        self.app = app
+        self.counts = counts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.counts[message["status"]] += 1
+            await send(message)
+
+        return await self.app(scope, receive, counting_send)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import anyio
+from starlette.responses import StreamingResponse
+
 from mlxkv.outputs import RequestOutput
 from server.responses import (
     ChoiceState,
@@ -82,9 +85,9 @@ async def collect(engine, kind: str, request_id: str, first: RequestOutput,
         await stream.aclose()
     failed = [c.error for c in choices.values() if c.finish_reason == "error"]
     if failed and len(failed) == n:
-        from mlxkv.errors import MlxkvError
+        from mlxkv.errors import GenerationError
 
-        raise MlxkvError(f"generation failed: {failed[0]}")
+        raise GenerationError(f"generation failed: {failed[0]}")
     body_choices = []
     for c in choices.values():
         if kind == "chat":
@@ -100,3 +103,25 @@ async def collect(engine, kind: str, request_id: str, first: RequestOutput,
     total = sum(c.num_generated for c in choices.values())
     return envelope("chat.completion" if kind == "chat" else "text_completion", request_id,
                     engine.model_name, body_choices, usage(prompt, total, cached))
+
+
+class SSEResponse(StreamingResponse):
+    """An event stream that always closes its body and the engine stream when it ends.
+
+    Starlette abandons the body iterator when the client disconnects (it is only finalised
+    by garbage collection, or never if it had not started); closing both here aborts the
+    request in the engine at once, whatever point the stream had reached.
+    """
+
+    def __init__(self, chunks, engine_stream):
+        super().__init__(chunks, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self._engine_stream = engine_stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+                await self._engine_stream.aclose()
