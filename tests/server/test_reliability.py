@@ -70,7 +70,7 @@ def test_huge_and_odd_strings(size):
     from starlette.testclient import TestClient
 
     with TestClient(app) as tc:
-        text = "\ud83d\ude00\x00\u202e" * size
+        text = "\U0001F600\x00\u202e" * size
         r = tc.post("/v1/completions",
                     json={"model": "fake-model", "prompt": text, "max_tokens": 2})
         assert r.status_code in (200, 400)
