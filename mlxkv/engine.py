@@ -184,7 +184,7 @@ class LLMEngine:
 
     def _maybe_fork(self, req: Request) -> list[Request]:
         """After the prefill of an n > 1 request, make its n - 1 forks (sharing all blocks)."""
-        if req.params.n == 1 or req.forked:
+        if req.params.n == 1 or req.forked or req.index != 0:
             return []
         req.forked = True
         children = []
@@ -194,6 +194,7 @@ class LLMEngine:
             child.num_computed_tokens = req.num_tokens  # the prefill that samples covers all
             child.num_cached_tokens = req.num_cached_tokens
             child.seed = req.seed + i
+            child.forked = True
             self.cache.fork(req.request_id, child.request_id)
             self._detok[child.request_id] = Detokenizer(
                 self.tokenizer, req.params.stop, req.params.include_stop_str_in_output,

@@ -151,3 +151,20 @@ def test_gemma3_past_sliding_window_matches_mlx_lm(gemma3):
     got = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0,
                                                 ignore_eos=True))[0]["token_ids"]
     assert got == mlx_lm_greedy(gemma3.model, prompt, 6)[0]
+
+
+def test_n_forks_share_prompt_blocks_and_finish():
+    model = make_tiny_model("llama")
+    llm = make_llm((model, None), block_size=4)
+    engine = llm.engine
+    engine.add_request("a", PROMPT, SamplingParams(max_tokens=5, temperature=1.0, n=3, seed=4))
+    engine.step()  # prefill + fork
+    tables = [engine.cache.block_tables(r.request_id)[0] for r in engine.scheduler.running]
+    assert len(tables) == 3 and tables[0][:9] == tables[1][:9] == tables[2][:9]
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    finished = sorted(o.index for o in outs if o.finished)
+    assert finished == [0, 1, 2]
+    engine.cache.check_invariants()
+    assert engine.cache_stats()["blocks_used"] == 0 and engine.cache_stats()["num_requests"] == 0
