@@ -1,0 +1,47 @@
+"""Each benchmark runs in --quick mode on a tiny model and writes JSON of the expected shape."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+
+
+def run(script: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick",
+                           "--out", str(out), *extra], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT / "benchmarks")
+
+
+def test_throughput_quick(tmp_path):
+    proc = run("bench_throughput.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "throughput_quick.json").read_text())
+    assert {"git_revision", "hardware", "model", "settings", "rows"} <= set(data)
+    assert [r["concurrency"] for r in data["rows"]] == [1, 4]
+    assert all({"mlxkv_tok_s", "mlx_lm_tok_s", "ratio"} <= set(r) for r in data["rows"])
+
+
+def test_quality_quick(tmp_path):
+    proc = run("quality.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(next(tmp_path.glob("quality_*.json")).read_text())
+    assert [r["codec"] for r in data["rows"]] == ["auto", "int8", "e8:k4v3"]
+    assert all({"bytes_per_token", "ppl", "dppl_pct", "kl"} <= set(r) for r in data["rows"])
+    assert [t["dppl_target_pct"] for t in data["iso_dppl"]] == [0.5, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("argv", [["bench", "--tiny", "--max-tokens", "4"]])
+def test_mlxkv_bench_cli(tmp_path, argv):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "mlxkv.cli", *argv, "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "aggregate tok/s, 8 requests" in proc.stdout
+    data = json.loads(out.read_text())
+    assert set(data["kv_bytes_per_token"]) >= {"fp16", "int8", "e8:k4v3"}
