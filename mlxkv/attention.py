@@ -34,10 +34,15 @@ def _mask(q_pos: mx.array, length: int, window: int | None) -> mx.array:
     return mask
 
 
-def _decode_batch(q, store, layer_id, table, positions, scale, window):
+def _decode_batch(q, store, layer_id, table, positions, scale, window, memo=None):
     """q [B, H, D] one token per sequence -> [B, H, D]."""
     k, v = _context(store, layer_id, table)
-    mask = _mask(positions[:, None], k.shape[2], window)[:, None]  # [B, 1, 1, L]
+    key = ("decode", k.shape[2], window, id(table))
+    mask = None if memo is None else memo.get(key)
+    if mask is None:
+        mask = _mask(positions[:, None], k.shape[2], window)[:, None]  # [B, 1, 1, L]
+        if memo is not None:
+            memo[key] = mask
     out = mx.fast.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, mask=mask)
     return out[:, :, 0]
 
@@ -69,7 +74,8 @@ def paged_attention(
     group = store.group_of_layer(layer_id)
     tables = batch.block_tables[group]
     if batch.is_decode_only:
-        return _decode_batch(q, store, layer_id, tables, batch.positions, scale, sliding_window)
+        return _decode_batch(q, store, layer_id, tables, batch.positions, scale, sliding_window,
+                             batch.memo)
     starts, outs = batch.query_start_loc, []
     decode_rows = [i for i in range(batch.num_seqs) if starts[i + 1] - starts[i] == 1]
     decoded = None

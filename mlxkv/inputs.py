@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 
@@ -39,6 +39,7 @@ class BatchInputs:
     seq_lens_list: list[int]
     start_positions: list[int]
     num_blocks_list: list[list[int]]  # per group, per seq: table length
+    memo: dict = field(default_factory=dict)  # per-forward values shared by layers (masks)
 
     @property
     def num_seqs(self) -> int:
