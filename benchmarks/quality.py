@@ -17,8 +17,9 @@ from __future__ import annotations
 import argparse
 import math
 
-import mlx.core as mx
-from _common import RESULTS, header, load_model_for, plot, print_header, write_json
+from _common import RESULTS, header, load_model_for, plot, print_header, write_json  # first: BLAS
+
+import mlx.core as mx  # noqa: E402, I001
 from tqdm import tqdm
 
 from mlxkv.cache_manager import KVCacheManager

@@ -76,21 +76,45 @@ def paged_attention(
     if batch.is_decode_only:
         return _decode_batch(q, store, layer_id, tables, batch.positions, scale, sliding_window,
                              batch.memo)
-    starts, outs = batch.query_start_loc, []
-    decode_rows = [i for i in range(batch.num_seqs) if starts[i + 1] - starts[i] == 1]
-    decoded = None
+    starts = batch.query_start_loc
+    outs: dict[int, mx.array] = {}
+    decode_rows, chunks = [], {}
+    for i in range(batch.num_seqs):
+        q_len = starts[i + 1] - starts[i]
+        if q_len == 1:
+            decode_rows.append(i)
+        else:  # equal (length, start) chunks share one batched call
+            chunks.setdefault((q_len, batch.start_positions[i]), []).append(i)
     if len(decode_rows) > 1:
         rows = mx.array(decode_rows, dtype=mx.int32)
         tok = mx.array([starts[i] for i in decode_rows], dtype=mx.int32)
         decoded = _decode_batch(q[tok], store, layer_id, tables[rows], batch.positions[tok],
-                                scale, sliding_window)
-    for i in range(batch.num_seqs):
-        if decoded is not None and i in decode_rows:
-            outs.append(decoded[decode_rows.index(i)][None])
-            continue
+                                scale, sliding_window, batch.memo)
+        outs.update({i: decoded[n][None] for n, i in enumerate(decode_rows)})
+    elif decode_rows:
+        chunks[(1, batch.start_positions[decode_rows[0]])] = decode_rows
+    for (q_len, start), rows in chunks.items():
+        out = _prefill_rows(q, store, layer_id, tables, batch, rows, q_len, start, scale,
+                            sliding_window)
+        outs.update({i: out[n] for n, i in enumerate(rows)})
+    ordered = [outs[i] for i in range(batch.num_seqs)]
+    return mx.concatenate(ordered, axis=0) if len(ordered) > 1 else ordered[0]
+
+
+def _prefill_rows(q, store, layer_id, tables, batch, rows, q_len, start, scale, window):
+    """Chunks of equal length and start of several sequences -> list of [q_len, H, D]."""
+    group = store.group_of_layer(layer_id)
+    starts = batch.query_start_loc
+    if len(rows) == 1:
+        i = rows[0]
         nb = batch.num_blocks_list[group][i]
-        outs.append(
-            _prefill_one(q[starts[i] : starts[i + 1]], store, layer_id, tables[i, :nb],
-                         batch.start_positions[i], batch.seq_lens_list[i], scale, sliding_window)
-        )
-    return mx.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
+        return [_prefill_one(q[starts[i] : starts[i + 1]], store, layer_id, tables[i, :nb],
+                             start, start + q_len, scale, window)]
+    idx = mx.array([starts[i] + t for i in rows for t in range(q_len)], dtype=mx.int32)
+    qs = q[idx].reshape(len(rows), q_len, *q.shape[1:]).transpose(0, 2, 1, 3)
+    nb = max(batch.num_blocks_list[group][i] for i in rows)
+    k, v = _context(store, layer_id, tables[mx.array(rows, dtype=mx.int32), :nb])
+    k, v = k[:, :, : start + q_len], v[:, :, : start + q_len]
+    mask = _mask(mx.arange(start, start + q_len), start + q_len, window)
+    out = mx.fast.scaled_dot_product_attention(qs, k, v, scale=scale, mask=mask)
+    return list(out.transpose(0, 2, 1, 3))

@@ -39,7 +39,7 @@ def test_gemma3_tiny_sliding_window_long_context():
 
 def test_mixed_batch_equals_each_alone_and_chunked_equals_one_shot():
     model = make_tiny_model("qwen3")
-    prompts = [PROMPT[:n] for n in (3, 17, 37, 9)]
+    prompts = [PROMPT[:n] for n in (3, 17, 37, 9)] + [PROMPT[2:19], PROMPT[5:22]]
     alone = [make_llm((model, None)).generate([p], GREEDY)[0]["token_ids"] for p in prompts]
     batched = make_llm((model, None), block_size=4, max_batched=8).generate(prompts, GREEDY)
     assert [b["token_ids"] for b in batched] == alone
