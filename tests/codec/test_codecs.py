@@ -67,21 +67,12 @@ def _e8_points(bits):
     return np.array(pts, dtype=np.float32)
 
 
-def test_e8_nearest_is_exact_against_brute_force():
-    pts = _e8_points(1)  # the m = 1 box: small enough to enumerate (a stand-in for the search)
-    rng = np.random.default_rng(0)
-    tau = rng.normal(size=(300, 8)).astype(np.float32) * 1.5
-    j, _ = e8_nearest(mx.array(tau), 1)
-    got = np.sum((np.array(j) - tau) ** 2, axis=1)
-    best = np.min(((pts[None] - tau[:, None]) ** 2).sum(-1), axis=1)
-    assert np.allclose(got, best, atol=1e-4)
-
-
-def test_e8_nearest_m2_against_brute_force_subset():
-    pts = _e8_points(2)  # 2^16 points
-    rng = np.random.default_rng(1)
-    tau = rng.normal(size=(40, 8)).astype(np.float32) * 3
-    j, _ = e8_nearest(mx.array(tau), 2)
+@pytest.mark.parametrize(("bits", "num", "spread"), [(1, 300, 1.5), (2, 40, 3.0)])
+def test_e8_nearest_is_exact_against_brute_force(bits, num, spread):
+    pts = _e8_points(bits)  # every point of the box (2^16 at m = 2)
+    rng = np.random.default_rng(bits)
+    tau = rng.normal(size=(num, 8)).astype(np.float32) * spread
+    j, _ = e8_nearest(mx.array(tau), bits)
     got = np.sum((np.array(j) - tau) ** 2, axis=1)
     best = np.min(((pts[None] - tau[:, None]) ** 2).sum(-1), axis=1)
     assert np.allclose(got, best, atol=1e-4)
