@@ -45,3 +45,31 @@ def test_mlxkv_bench_cli(tmp_path, argv):
     assert "aggregate tok/s, 8 requests" in proc.stdout
     data = json.loads(out.read_text())
     assert set(data["kv_bytes_per_token"]) >= {"fp16", "int8", "e8:k4v3"}
+
+
+def test_server_quick(tmp_path, smollm2_dir):
+    proc = run("bench_server.py", tmp_path, "--model", str(smollm2_dir))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "server_quick.json").read_text())
+    assert set(data["results"]) == {"mlxkv", "mlx_lm.server"}
+    for rows in data["results"].values():
+        assert [r["concurrency"] for r in rows] == [1, 2]
+        assert all({"tok_s", "ttft_p50", "itl_p99", "errors"} <= set(r) for r in rows)
+
+
+def test_soak_quick(tmp_path, smollm2_dir):
+    proc = run("soak.py", tmp_path, "--model", str(smollm2_dir), "--duration", "6")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "soak_quick.json").read_text())
+    assert {"requests", "errors", "latency_p99", "blocks_used_at_end"} <= set(data["summary"])
+    assert data["timeline"] and {"rss_mib", "mx_active_mib"} <= set(data["timeline"][0])
+
+
+def test_shared_prefix_quick(tmp_path):
+    proc = run("shared_prefix.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "shared_prefix_quick.json").read_text())
+    for side in ("mlxkv", "mlx_lm"):
+        assert {"kv_bytes_held", "prefill_tokens", "ttft_first_s",
+                "ttft_followers_median_s"} <= set(data[side])
+    assert len(data["mlxkv"]["cached_tokens"]) == 8
