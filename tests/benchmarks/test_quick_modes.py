@@ -73,3 +73,12 @@ def test_shared_prefix_quick(tmp_path):
         assert {"kv_bytes_held", "prefill_tokens", "ttft_first_s",
                 "ttft_followers_median_s"} <= set(data[side])
     assert len(data["mlxkv"]["cached_tokens"]) == 8
+
+
+def test_floor_quick(tmp_path):
+    proc = run("floor.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "floor_quick.json").read_text())
+    assert {"mlx_gib_s", "numpy_gib_s"} <= set(data["bandwidth"])
+    assert [r["batch"] for r in data["rows"]] == [1, 2]
+    assert all({"step_s", "floor_s", "bytes_per_step"} <= set(r) for r in data["rows"])

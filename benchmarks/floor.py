@@ -1,0 +1,107 @@
+"""Physical floor of decode: measured step time vs (weight bytes + KV bytes read) / bandwidth.
+
+Bandwidth is measured on this machine (an MLX copy of a 512 MiB array, and numpy's), then
+one decode step of the engine at batch B and context L is timed and compared with the
+time it takes just to stream the weights and the batch's KV once.
+
+    python benchmarks/floor.py                    # SmolLM2, batch 1 and 8, context 512
+    python benchmarks/floor.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+from _common import RESULTS, header, load_model_for, print_header, write_json  # BLAS first
+
+import mlx.core as mx  # noqa: E402, I001
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+
+def bandwidth_gib_s(num_mib: int) -> dict:
+    a = mx.random.uniform(shape=(num_mib * 2**18,))
+    mx.eval(a)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        b = a + 0  # reads and writes num_mib each
+        mx.eval(b)
+        times.append(time.perf_counter() - start)
+        del b
+    x = np.random.rand(num_mib * 2**17)
+    np_times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        y = x.copy()
+        np_times.append(time.perf_counter() - start)
+        del y
+    moved = 2 * num_mib / 1024
+    return {"mlx_gib_s": moved / min(times), "numpy_gib_s": moved / min(np_times)}
+
+
+def step_time(llm, batch: int, context: int) -> float:
+    from mlxkv.sampling import SamplingParams
+
+    engine = llm.engine
+    vocab = min(engine.runner.model.model.embed_tokens.weight.shape[0], 20000)
+    rng = random.Random(batch)
+    params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"f{i}", [rng.randrange(10, vocab) for _ in range(context)], params)
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or \
+            engine.scheduler.waiting:
+        engine.step()
+    times = []
+    for _ in range(8):
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    for i in range(batch):
+        engine.abort(f"f{i}")
+    engine.step()
+    return statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--batches", type=int, nargs="+", default=None)
+    p.add_argument("--context", type=int, default=None)
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    batches = args.batches or ([1, 2] if args.quick else [1, 8])
+    context = args.context or (32 if args.quick else 512)
+    loaded, name = load_model_for(args)
+    from mlxkv.config import CacheConfig, EngineConfig
+    from mlxkv.llm import LLM
+
+    llm = LLM(EngineConfig(cache=CacheConfig()), loaded=loaded)
+    h = header(name, "float32", {"batches": batches, "context": context})
+    print_header(h)
+    bw = bandwidth_gib_s(64 if args.quick else 512)
+    weights = sum(v.nbytes for _, v in tree_flatten(llm.engine.runner.model.parameters()))
+    kv_per_token = llm.engine.store.bytes_per_token()
+    rows = []
+    for b in batches:
+        t = step_time(llm, b, context)
+        moved = weights + b * context * kv_per_token
+        floor = moved / (bw["mlx_gib_s"] * 2**30)
+        rows.append({"batch": b, "context": context, "step_s": t, "bytes_per_step": moved,
+                     "floor_s": floor, "fraction_of_floor": floor / t})
+        print(f"batch {b:>3}, context {context}: step {t * 1e3:7.1f} ms, floor "
+              f"{floor * 1e3:6.2f} ms ({100 * floor / t:4.1f}% of the step is memory traffic)")
+    print(f"bandwidth: mlx {bw['mlx_gib_s']:.1f} GiB/s, numpy {bw['numpy_gib_s']:.1f} GiB/s; "
+          f"weights {weights / 2**20:.0f} MiB, KV {kv_per_token} B/token")
+    result = {**h, "bandwidth": bw, "weight_bytes": weights, "kv_bytes_per_token": kv_per_token,
+              "rows": rows}
+    write_json("floor_quick" if args.quick else "floor", result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
