@@ -82,3 +82,12 @@ def test_floor_quick(tmp_path):
     assert {"mlx_gib_s", "numpy_gib_s"} <= set(data["bandwidth"])
     assert [r["batch"] for r in data["rows"]] == [1, 2]
     assert all({"step_s", "floor_s", "bytes_per_step"} <= set(r) for r in data["rows"])
+
+
+def test_paged_vs_dense_quick(tmp_path):
+    proc = run("paged_vs_dense.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "paged_vs_dense_quick.json").read_text())
+    assert [(r["batch"], r["context"]) for r in data["rows"]] == [(1, 16), (1, 32), (8, 16),
+                                                                  (8, 32)]
+    assert all({"paged_tok_s", "dense_tok_s", "ratio"} <= set(r) for r in data["rows"])
