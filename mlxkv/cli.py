@@ -33,8 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fetch", help="fetch and convert embedded models into the cache")
     f.add_argument("names", nargs="*", help="embedded model names (default: the default model)")
-    f.add_argument("--cache-dir", default=None,
-                   help="mlxkv cache root (default: $MLXKV_CACHE_DIR or ~/.cache/mlxkv)")
+    f.add_argument(
+        "--cache-dir",
+        default=None,
+        help="mlxkv cache root (default: $MLXKV_CACHE_DIR or ~/.cache/mlxkv)",
+    )
     _add_generate(sub)
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     try:
@@ -59,7 +62,7 @@ def _prompt_ids(args, tokenizer) -> list[int]:
         messages.append({"role": "user", "content": args.chat or args.prompt or ""})
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     if not args.prompt:
-        raise MlxkvError("give a prompt (mlxkv generate \"...\") or --chat \"...\"")
+        raise MlxkvError('give a prompt (mlxkv generate "...") or --chat "..."')
     return list(tokenizer.encode(args.prompt))
 
 
@@ -85,7 +88,8 @@ def cmd_generate(args) -> int:
     config = EngineConfig.from_args(args)
     start = time.perf_counter()
     stats = {}
-    for text, stats in _generate_stream(config, args):
+    for text, step_stats in _generate_stream(config, args):
+        stats = step_stats or stats
         sys.stdout.write(text)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -127,8 +131,12 @@ def cmd_bench(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"fetch": cmd_fetch, "generate": cmd_generate, "serve": cmd_serve,
-                "bench": cmd_bench}
+    commands = {
+        "fetch": cmd_fetch,
+        "generate": cmd_generate,
+        "serve": cmd_serve,
+        "bench": cmd_bench,
+    }
     try:
         return commands[args.command](args)
     except (MlxkvError, ValueError) as exc:

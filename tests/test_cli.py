@@ -15,9 +15,14 @@ ROOT = Path(__file__).parents[1]
 
 
 def _cli(*args, **env):
-    return subprocess.run([sys.executable, "-m", "mlxkv.cli", *args], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+    return subprocess.run(
+        [sys.executable, "-m", "mlxkv.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+    )
 
 
 def test_generate_default_model_streams_text_and_timing(smollm2_dir):
@@ -30,18 +35,34 @@ def test_generate_default_model_streams_text_and_timing(smollm2_dir):
 
 
 def test_generate_chat_uses_template(smollm2_dir, capsys):
-    code = cli.main(["generate", "--chat", "Name three fruits.", "--system", "Be brief.",
-                     "--max-tokens", "12", "--model", str(smollm2_dir)])
+    code = cli.main(
+        [
+            "generate",
+            "--chat",
+            "Name three fruits.",
+            "--system",
+            "Be brief.",
+            "--max-tokens",
+            "12",
+            "--model",
+            str(smollm2_dir),
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     assert out.out.strip() and "<|im_start|>" not in out.out
 
 
-@pytest.mark.parametrize("args", [["generate", "x", "--model", "/no/such/model"],
-                                  ["generate", "x", "--model", "nobody/nothing"],
-                                  ["generate", "x", "--model", "/no/such/file.gguf"],
-                                  ["generate", "x", "--block-size", "3"],
-                                  ["fetch", "unknown-model"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "x", "--model", "/no/such/model"],
+        ["generate", "x", "--model", "nobody/nothing"],
+        ["generate", "x", "--model", "/no/such/file.gguf"],
+        ["generate", "x", "--block-size", "3"],
+        ["fetch", "unknown-model"],
+    ],
+)
 def test_bad_input_one_line_exit_2(args):
     proc = _cli(*args)
     assert proc.returncode == 2

@@ -178,8 +178,12 @@ def write_tokenizer(reader, out_dir: Path) -> None:
     tokens = groups["tokenizer"]["tokens"]
     backend, _ = convert_gguf_tokenizer(arch, groups["tokenizer"])
     tok_config = dict(groups["tokenizer_config"])
-    for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
-                      ("pad_token", "padding")):
+    for name, key in (
+        ("bos_token", "bos"),
+        ("eos_token", "eos"),
+        ("unk_token", "unknown"),
+        ("pad_token", "padding"),
+    ):
         token_id = _field(reader, f"tokenizer.ggml.{key}_token_id")
         if token_id is not None:
             tok_config[name] = tokens[token_id]
@@ -211,7 +215,9 @@ def open_gguf(path: Path):
         reader = gguf.GGUFReader(str(path))
         _ = [t.data.shape for t in reader.tensors]
     except Exception as exc:  # the gguf reader raises many types on corrupt input
-        raise ModelLoadError(f"{path} is not a valid GGUF file ({type(exc).__name__}: {exc})")
+        raise ModelLoadError(
+            f"{path} is not a valid GGUF file ({type(exc).__name__}: {exc})"
+        ) from exc
     if "general.architecture" not in reader.fields or "tokenizer.ggml.tokens" not in reader.fields:
         raise ModelLoadError(f"{path} lacks GGUF architecture or tokenizer metadata")
     return reader

@@ -88,7 +88,9 @@ def default_dtype() -> str | None:
     return "float32" if mx.default_device().type == mx.cpu else None
 
 
-def load_model(spec: str | None = None, *, dtype=None, cache_dir=None, progress=True) -> LoadedModel:
+def load_model(
+    spec: str | None = None, *, dtype=None, cache_dir=None, progress=True
+) -> LoadedModel:
     """Load `spec` with mlx-lm (model classes unchanged), cast to `dtype` (default_dtype())."""
     import mlx.core as mx
     from mlx_lm import load as mlx_lm_load

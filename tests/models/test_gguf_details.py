@@ -29,11 +29,14 @@ def gemma3_pair(gemma3_gguf, gemma3_dir):
     return {t.name: t for t in reader.tensors}, mx.load(str(gemma3_dir / "model.safetensors"))
 
 
-@pytest.mark.parametrize(("gguf_name", "hf_name", "qtype"), [
-    ("blk.0.attn_output.weight", "model.layers.0.self_attn.o_proj.weight", "Q4_K"),
-    ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight", "Q6_K"),
-    ("blk.2.ffn_up.weight", "model.layers.2.mlp.up_proj.weight", "Q5_0"),
-])
+@pytest.mark.parametrize(
+    ("gguf_name", "hf_name", "qtype"),
+    [
+        ("blk.0.attn_output.weight", "model.layers.0.self_attn.o_proj.weight", "Q4_K"),
+        ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight", "Q6_K"),
+        ("blk.2.ffn_up.weight", "model.layers.2.mlp.up_proj.weight", "Q5_0"),
+    ],
+)
 def test_gemma3_kquant_tensors_equal_gguf_dequantize(gemma3_pair, gguf_name, hf_name, qtype):
     from gguf import quants
 
@@ -50,17 +53,22 @@ def test_gemma3_q8_0_matches_independent_decoder(gemma3_pair):
     t = tensors["blk.4.attn_v.weight"]
     assert t.tensor_type.name == "Q8_0"
     shape = ours["model.layers.4.self_attn.v_proj.weight"].shape
-    assert np.array_equal(_q8_0(t.data, shape), np.array(ours["model.layers.4.self_attn.v_proj.weight"]))
+    assert np.array_equal(
+        _q8_0(t.data, shape), np.array(ours["model.layers.4.self_attn.v_proj.weight"])
+    )
 
 
-@pytest.mark.parametrize(("gguf_name", "hf_name"), [
-    ("output_norm.weight", "model.norm.weight"),
-    ("blk.1.attn_norm.weight", "model.layers.1.input_layernorm.weight"),
-    ("blk.1.post_attention_norm.weight", "model.layers.1.post_attention_layernorm.weight"),
-    ("blk.1.ffn_norm.weight", "model.layers.1.pre_feedforward_layernorm.weight"),
-    ("blk.1.post_ffw_norm.weight", "model.layers.1.post_feedforward_layernorm.weight"),
-    ("blk.1.attn_q_norm.weight", "model.layers.1.self_attn.q_norm.weight"),
-])
+@pytest.mark.parametrize(
+    ("gguf_name", "hf_name"),
+    [
+        ("output_norm.weight", "model.norm.weight"),
+        ("blk.1.attn_norm.weight", "model.layers.1.input_layernorm.weight"),
+        ("blk.1.post_attention_norm.weight", "model.layers.1.post_attention_layernorm.weight"),
+        ("blk.1.ffn_norm.weight", "model.layers.1.pre_feedforward_layernorm.weight"),
+        ("blk.1.post_ffw_norm.weight", "model.layers.1.post_feedforward_layernorm.weight"),
+        ("blk.1.attn_q_norm.weight", "model.layers.1.self_attn.q_norm.weight"),
+    ],
+)
 def test_gemma3_norms_stored_as_one_plus_w(gemma3_pair, gguf_name, hf_name):
     tensors, ours = gemma3_pair
     stored = np.asarray(tensors[gguf_name].data, dtype=np.float32)

@@ -30,8 +30,9 @@ def test_smollm2_weights_equal_mlx_own_gguf_dequantisation(smollm2_gguf, smollm2
             return packed[name].astype(mx.float32)
         w, scales = packed[name], packed[f"{base}.scales"]
         bits = 32 * w.shape[1] // (scales.shape[1] * 32)
-        return mx.dequantize(w, scales, packed[f"{base}.biases"], group_size=32,
-                             bits=bits).astype(mx.float32)
+        return mx.dequantize(w, scales, packed[f"{base}.biases"], group_size=32, bits=bits).astype(
+            mx.float32
+        )
 
     raw = {k: dequant(k) for k in packed if k.endswith(".weight")}
     ours = mx.load(str(smollm2_dir / "model.safetensors"))
@@ -76,8 +77,7 @@ def test_greedy_text_is_coherent(smollm2_dir, gemma3_dir):
     from mlx_lm import generate
 
     smol = load_model(str(smollm2_dir), progress=False)
-    assert "Paris" in generate(smol.model, smol.tokenizer, "The capital of France is",
-                               max_tokens=8)
+    assert "Paris" in generate(smol.model, smol.tokenizer, "The capital of France is", max_tokens=8)
     gem = load_model(str(gemma3_dir), progress=False)
     text = generate(gem.model, gem.tokenizer, "The capital of France is", max_tokens=12)
     assert "France" in text or "Paris" in text
@@ -104,7 +104,7 @@ def test_corrupt_gguf_is_rejected_cleanly(tmp_path, content):
 
 def test_truncated_gguf_is_rejected(tmp_path, smollm2_gguf):
     bad = tmp_path / "trunc.gguf"
-    bad.write_bytes(smollm2_gguf.read_bytes()[: 5_000_000])
+    bad.write_bytes(smollm2_gguf.read_bytes()[:5_000_000])
     with pytest.raises(ModelLoadError):
         convert_gguf(bad, tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trunc.gguf"]
