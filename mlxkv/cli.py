@@ -7,8 +7,13 @@ and exit with status 2; there is no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+
+# transformers (imported by mlx-lm) prints a "PyTorch was not found" advisory; keep the
+# terminal to our own output and one-line errors.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import mlxkv  # noqa: F401  (OpenBLAS before mlx)
 from mlxkv.config import EngineConfig

@@ -66,8 +66,8 @@ def test_generate_chat_uses_template(smollm2_dir, capsys):
 def test_bad_input_one_line_exit_2(args):
     proc = _cli(*args)
     assert proc.returncode == 2
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mlxkv: error")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlxkv: error:"), proc.stderr
 
 
 def test_corrupt_gguf_model_exit_2(tmp_path):
