@@ -37,6 +37,10 @@ def windows_from_corpus(tokenizer, ctx: int, num: int, offset_chars: int) -> lis
     from _corpus import austen
 
     ids = tokenizer.encode(austen("mansfieldpark")[offset_chars:offset_chars + ctx * num * 8])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and ids and ids[0] == bos:  # the tokenizer adds BOS: every window gets one
+        ids = ids[1:]
+        return [[bos] + ids[i * (ctx - 1) : (i + 1) * (ctx - 1)] for i in range(num)]
     return [ids[i * ctx : (i + 1) * ctx] for i in range(num)]
 
 

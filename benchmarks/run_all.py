@@ -1,0 +1,147 @@
+"""Run every benchmark and rewrite the tables in docs/ from their JSON (one command).
+
+    python benchmarks/run_all.py              # full runs (tens of minutes on a 2-core CPU)
+    python benchmarks/run_all.py --render     # only re-render docs from benchmarks/results/
+    python benchmarks/run_all.py --quick      # quick modes (results in benchmarks/results/quick)
+
+Tables live between `<!-- BEGIN name -->` and `<!-- END name -->` markers in
+docs/benchmarks.md and docs/compression.md; nothing outside the markers is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+DOCS = HERE.parent / "docs"
+RUNS = [
+    ["bench_throughput.py"],
+    ["quality.py", "--model", "smollm2-135m-instruct"],
+    ["quality.py", "--model", "gemma3-270m", "--codecs", "auto", "int8", "int4", "lloyd:k4v3",
+     "e8:k4v3", "e8:k4v4,boundary=1", "e8:k3v2"],
+    ["bench_server.py"],
+    ["shared_prefix.py", "--model", "smollm2-135m-instruct"],
+    ["paged_vs_dense.py", "--model", "smollm2-135m-instruct"],
+    ["floor.py", "--model", "smollm2-135m-instruct"],
+]
+
+
+def _load(name: str, results: Path) -> dict | None:
+    path = results / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _src(d: dict, cmd: str, name: str) -> str:
+    return (f"`python benchmarks/{cmd}` (git {d['git_revision']}, {d['timestamp'][:10]}; "
+            f"results/{name}.json)")
+
+
+def table_throughput(d):
+    rows = ["| concurrent | mlxkv tok/s | mlx-lm BatchGenerator tok/s | ratio |",
+            "|---:|---:|---:|---:|"]
+    rows += [f"| {r['concurrency']} | {r['mlxkv_tok_s']:.1f} | {r['mlx_lm_tok_s']:.1f} | "
+             f"{r['ratio']:.2f} |" for r in d["rows"]]
+    return [_src(d, "bench_throughput.py", "throughput"), ""] + rows
+
+
+def table_quality(d, name):
+    rows = ["| codec | KV bytes/token | vs fp16 | PPL | dPPL | KL |",
+            "|---|---:|---:|---:|---:|---:|"]
+    rows += [f"| `{r['codec']}` | {r['bytes_per_token']} | {r['x_vs_fp16']:.2f}x | "
+             f"{r['ppl']:.3f} | {r['dppl_pct']:+.2f}% | {r['kl']:.4f} |" for r in d["rows"]]
+    iso = "; ".join(f"{t['dppl_target_pct']}%: {t['codec'] or 'none'}"
+                    + (f" ({t['x_vs_fp16']:.2f}x)" if t["codec"] else "") for t in d["iso_dppl"])
+    return [_src(d, f"quality.py --model {d['model']}", name), "", *rows, "",
+            f"Iso-dPPL (cheapest codec within the target): {iso}."]
+
+
+def table_server(d):
+    rows = ["| server | clients | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for label, rs in d["results"].items():
+        rows += [f"| {label} | {r['concurrency']} | {r['tok_s']:.1f} | {r['ttft_p50'] * 1e3:.0f}"
+                 f" / {r['ttft_p99'] * 1e3:.0f} | {r['itl_p50'] * 1e3:.1f} / "
+                 f"{r['itl_p99'] * 1e3:.1f} | {r['errors']} |" for r in rs]
+    return [_src(d, "bench_server.py", "server"), "", *rows]
+
+
+def table_shared(d):
+    rows = ["| | KV bytes held | prefill tokens | TTFT leader | TTFT followers (median) |",
+            "|---|---:|---:|---:|---:|"]
+    for label, key in (("mlxkv", "mlxkv"), ("mlx-lm (cache per request)", "mlx_lm")):
+        r = d[key]
+        rows.append(f"| {label} | {r['kv_bytes_held'] / 2**20:.1f} MiB | {r['prefill_tokens']} "
+                    f"| {r['ttft_first_s'] * 1e3:.0f} ms | "
+                    f"{r['ttft_followers_median_s'] * 1e3:.0f} ms |")
+    return [_src(d, "shared_prefix.py", "shared_prefix"), "", *rows]
+
+
+def table_pvd(d):
+    rows = ["| batch | context | paged tok/s | dense tok/s | paged / dense |",
+            "|---:|---:|---:|---:|---:|"]
+    rows += [f"| {r['batch']} | {r['context']} | {r['paged_tok_s']:.1f} | "
+             f"{r['dense_tok_s']:.1f} | {r['ratio']:.2f} |" for r in d["rows"]]
+    return [_src(d, "paged_vs_dense.py", "paged_vs_dense"), "", *rows]
+
+
+def table_floor(d):
+    bw = d["bandwidth"]
+    rows = [f"Measured bandwidth: MLX {bw['mlx_gib_s']:.1f} GiB/s, numpy {bw['numpy_gib_s']:.1f}"
+            f" GiB/s; weights {d['weight_bytes'] / 2**20:.0f} MiB; KV "
+            f"{d['kv_bytes_per_token']} B/token.", "",
+            "| batch | context | step ms | floor ms | floor / step |", "|---:|---:|---:|---:|---:|"]
+    rows += [f"| {r['batch']} | {r['context']} | {r['step_s'] * 1e3:.1f} | "
+             f"{r['floor_s'] * 1e3:.2f} | {100 * r['fraction_of_floor']:.1f}% |"
+             for r in d["rows"]]
+    return [_src(d, "floor.py", "floor"), "", *rows]
+
+
+def render(results: Path) -> None:
+    tables = {
+        "throughput": ("benchmarks.md", "throughput", table_throughput),
+        "server": ("benchmarks.md", "server", table_server),
+        "shared_prefix": ("benchmarks.md", "shared_prefix", table_shared),
+        "paged_vs_dense": ("benchmarks.md", "paged_vs_dense", table_pvd),
+        "floor": ("benchmarks.md", "floor", table_floor),
+        "quality_smollm2": ("compression.md", "quality_smollm2-135m-instruct",
+                            lambda d: table_quality(d, "quality_smollm2-135m-instruct")),
+        "quality_gemma3": ("compression.md", "quality_gemma3-270m",
+                           lambda d: table_quality(d, "quality_gemma3-270m")),
+    }
+    for marker, (doc, name, fn) in tables.items():
+        data = _load(name, results)
+        path = DOCS / doc
+        text = path.read_text()
+        pattern = re.compile(rf"(<!-- BEGIN {marker} -->\n).*?(<!-- END {marker} -->)", re.S)
+        if data is None or not pattern.search(text):
+            continue
+        body = "\n".join(fn(data)) + "\n"
+        path.write_text(pattern.sub(lambda m, b=body: m.group(1) + b + m.group(2), text))
+        print(f"rendered {marker} into docs/{doc}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--render", action="store_true", help="only re-render the docs")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    results = HERE / "results" / ("quick" if args.quick else "")
+    if not args.render:
+        for run in RUNS:
+            cmd = [sys.executable, str(HERE / run[0]), *run[1:]]
+            if args.quick:
+                cmd = [sys.executable, str(HERE / run[0]), "--quick", "--out", str(results)]
+            print("$", " ".join(cmd[1:]), flush=True)
+            subprocess.run(cmd, check=True, cwd=HERE)
+    if not args.quick:
+        render(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
