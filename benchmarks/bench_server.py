@@ -45,8 +45,12 @@ def start(cmd: list[str], port: int, env: dict) -> subprocess.Popen:
     raise RuntimeError(f"{cmd} did not start")
 
 
-def served_name(port: int) -> str:
-    return httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
+def served_name(port: int, default: str) -> str:
+    """The id the server lists, else `default` (mlx_lm.server accepts its --model path)."""
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
+    except (ValueError, KeyError, IndexError):
+        return default
 
 
 def main(argv=None) -> dict:
@@ -81,7 +85,7 @@ def main(argv=None) -> dict:
     for label, (cmd, port) in servers.items():
         proc = start(cmd, port, {**env, "PYTHONPATH": str(Path(__file__).parents[1])})
         try:
-            name = served_name(port)
+            name = served_name(port, model_dir)
             run_load(f"http://127.0.0.1:{port}", name, PROMPTS, 1, 1, 4)  # warm-up
             rows = []
             for c in tqdm(conc, desc=label):
