@@ -8,6 +8,7 @@ time it takes just to stream the weights and the batch's KV once.
     python benchmarks/floor.py --quick
 """
 
+# ruff: noqa: I001  (benchmarks/_common must be imported before mlx: it preloads OpenBLAS)
 from __future__ import annotations
 
 import argparse

@@ -8,6 +8,7 @@ gather through the reference path). Median of 8 steps after prefill; tokens/s = 
     python benchmarks/paged_vs_dense.py --quick
 """
 
+# ruff: noqa: I001  (benchmarks/_common must be imported before mlx: it preloads OpenBLAS)
 from __future__ import annotations
 
 import argparse

@@ -12,6 +12,7 @@ KL(uncompressed || compressed) over the same positions.
     python benchmarks/quality.py --quick          # tiny random model, random tokens
 """
 
+# ruff: noqa: I001  (benchmarks/_common must be imported before mlx: it preloads OpenBLAS)
 from __future__ import annotations
 
 import argparse

@@ -10,6 +10,7 @@ time to first token of the cold leader vs the followers.
     python benchmarks/shared_prefix.py --quick
 """
 
+# ruff: noqa: I001  (benchmarks/_common must be imported before mlx: it preloads OpenBLAS)
 from __future__ import annotations
 
 import argparse

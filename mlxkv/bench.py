@@ -42,11 +42,11 @@ def _ttft(llm, prompt: list[int]) -> float:
 
 
 def _kv_bytes(model) -> dict[str, int]:
+    import mlx.core as mx
+
     from mlxkv.codec import parse_kv_codec
     from mlxkv.engine_factory import _bytes_per_block
     from mlxkv.models.adapter import group_specs_for
-
-    import mlx.core as mx
 
     groups = group_specs_for(model)
     out = {}

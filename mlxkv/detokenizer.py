@@ -34,6 +34,7 @@ class Detokenizer:
         if self.tokenizer is None or self.stopped_on is not None:
             return ""
         text = self._decode(output_ids)
+        cut = len(text)
         for s in self.stop:
             idx = text.find(s, max(0, len(self.emitted) - len(s)))
             if idx >= 0 and (self.stopped_on is None or idx < cut):

@@ -26,7 +26,7 @@ from mlxkv.request import Request, RequestStatus
 from mlxkv.runner import ModelRunner
 from mlxkv.samplers import SampleRow, sample
 from mlxkv.sampling import SamplingParams
-from mlxkv.scheduler import Scheduler, ScheduledSeq
+from mlxkv.scheduler import ScheduledSeq, Scheduler
 
 _FINISH = {
     RequestStatus.FINISHED_STOPPED: "stop",

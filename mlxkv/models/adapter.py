@@ -129,7 +129,7 @@ def group_specs_for(model) -> list[KVGroupSpec]:
     heads, dims = [], []
     for layer in model.layers:
         attn = layer.self_attn
-        kvh = getattr(attn, "n_kv_heads", None) or getattr(attn, "num_key_value_heads")
+        kvh = getattr(attn, "n_kv_heads", None) or attn.num_key_value_heads
         heads.append(int(kvh))
         dims.append(int(getattr(attn, "head_dim", attn.k_proj.weight.shape[0] // kvh)))
     return make_group_specs(layer_windows(model), heads, dims)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlx.core as mx
+
 from mlxkv.config import CacheConfig, EngineConfig, SchedulerConfig
 from mlxkv.llm import LLM
 from mlxkv.sampling import SamplingParams

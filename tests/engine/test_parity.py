@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
+from engine_helpers import GREEDY, make_llm, mlx_lm_greedy
 
 from mlxkv.cache_manager import KVCacheManager
 from mlxkv.inputs import SeqEntry, build_batch
@@ -12,8 +13,6 @@ from mlxkv.models.adapter import group_specs_for
 from mlxkv.models.tiny import TINY_CONFIGS, make_tiny_model
 from mlxkv.runner import ModelRunner
 from mlxkv.sampling import SamplingParams
-
-from engine_helpers import GREEDY, make_llm, mlx_lm_greedy
 
 PROMPT = [(7 * i + 3) % 500 + 1 for i in range(37)]
 
