@@ -29,7 +29,7 @@ if (m_all > -INFINITY) {
 o = sum > 0.0f ? o / sum : 0.0f;
 if (UNROT) {
   buf[d] = o;
-  mlxkv_fwht<D>(buf, d);
+  mlxkv_fwht<D, 1>(buf, d, D);
   o = buf[d] * signs[d] * metal::rsqrt(float(D));
 }
 out[(long(b) * H + h) * D + d] = T(o);

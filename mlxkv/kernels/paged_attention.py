@@ -38,21 +38,28 @@ def _spec():
                       "scale"), ("o_part", "lse_part"), "paged_attention.metal")
 
 
-def check_inputs(queries: mx.array, k_pool: mx.array, v_pool: mx.array,
-                 block_tables: mx.array, seq_lens: mx.array) -> tuple[int, int]:
-    """Validate ranks/dtypes; return (num_kv_heads, gqa ratio G). Raises ValueError."""
-    if queries.ndim != 3 or k_pool.ndim != 4 or v_pool.shape != k_pool.shape:
-        raise ValueError(f"queries [B,H,D] and pools [NB,BS,KVH,D] expected, got "
-                         f"{queries.shape}, {k_pool.shape}, {v_pool.shape}")
-    B, H, D = queries.shape
-    if k_pool.shape[3] != D or H % k_pool.shape[2]:
-        raise ValueError(f"head_dim/GQA mismatch: queries {queries.shape}, pool {k_pool.shape}")
+def check_tables(queries: mx.array, num_kv_heads: int, block_tables: mx.array,
+                 seq_lens: mx.array) -> int:
+    """Validate queries/tables against the pool's kv heads; return the GQA ratio G."""
+    if queries.ndim != 3 or queries.shape[1] % num_kv_heads:
+        raise ValueError(f"queries [B, H, D] with H a multiple of {num_kv_heads} expected, "
+                         f"got {queries.shape}")
+    B = queries.shape[0]
     if block_tables.ndim != 2 or block_tables.shape[0] != B or seq_lens.shape != (B,):
         raise ValueError(f"block_tables [B,MB] and seq_lens [B] expected, got "
                          f"{block_tables.shape}, {seq_lens.shape}")
     if block_tables.dtype != mx.int32 or seq_lens.dtype != mx.int32:
         raise ValueError("block_tables and seq_lens must be int32")
-    return k_pool.shape[2], H // k_pool.shape[2]
+    return queries.shape[1] // num_kv_heads
+
+
+def check_inputs(queries: mx.array, k_pool: mx.array, v_pool: mx.array,
+                 block_tables: mx.array, seq_lens: mx.array) -> tuple[int, int]:
+    """Validate ranks/dtypes of full-precision pools; return (num_kv_heads, G). ValueError."""
+    if k_pool.ndim != 4 or v_pool.shape != k_pool.shape or k_pool.shape[3] != queries.shape[-1]:
+        raise ValueError(f"pools [NB,BS,KVH,D] matching queries [B,H,D] expected, got "
+                         f"{queries.shape}, {k_pool.shape}, {v_pool.shape}")
+    return k_pool.shape[2], check_tables(queries, k_pool.shape[2], block_tables, seq_lens)
 
 
 def default_num_splits(max_context: int) -> int:

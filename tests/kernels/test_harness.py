@@ -148,7 +148,8 @@ def test_hadamard_barrier_mutation_in_header_is_caught():
     ref = paged_attention_combine_ref(**kw)
     good = plan_paged_attention_combine(**kw)
     assert max_err(emulate(good)[0], ref) < 1e-5
-    bad = mutate(good, "    float other = buf[i ^ half];\n    threadgroup_barrier(", "    float other = buf[i ^ half];\n    (", in_header=True)
+    stage = "half *= 2) {\n    threadgroup_barrier(mem_flags::mem_threadgroup);"
+    bad = mutate(good, stage, "half *= 2) {", in_header=True)
     assert not max_err(emulate(bad)[0], ref) < 1e-3
 
 
