@@ -82,3 +82,97 @@ inline void mlxkv_decode8(const device uint8_t* p, float scale, float bias, thre
     }
   }
 }
+
+// ---- codec encode: exact nearest box-lattice point of 8 targets (mirrors codec/lattice.py) --
+// Cheapest single in-box move of +-STEP: first minimum over [up_0..up_{n-1}, down_0..down_{n-1}].
+template <int NC>
+inline float mlxkv_cheapest_move(thread float* j, thread float* tau, float step, float lo,
+                                 float hi, thread int& coord, thread float& sign) {
+  float best = INFINITY;
+  coord = 0;
+  sign = step;
+  for (int dir = 0; dir < 2; dir++) {
+    const float mv = dir == 0 ? step : -step;
+    for (int i = 0; i < NC; i++) {
+      const float nj = j[i] + mv;
+      const float base = (j[i] - tau[i]) * (j[i] - tau[i]);
+      const float cost = (nj <= hi && nj >= lo) ? (nj - tau[i]) * (nj - tau[i]) - base : INFINITY;
+      if (cost < best) {
+        best = cost;
+        coord = i;
+        sign = mv;
+      }
+    }
+  }
+  return best;
+}
+
+template <int M>
+inline uint mlxkv_e8_encode(thread float* t) {
+  const float size = float(1 << M);
+  float best_j[8];
+  float best_cost = 0.0f;
+  int best_p = 0;
+  for (int p = 0; p < 2; p++) {
+    const float lo = -size + p;
+    const float hi = size - 2.0f + p;
+    float tau[8];
+    float j[8];
+    float cost = 0.0f;
+    float sum = 0.0f;
+    for (int i = 0; i < 8; i++) {
+      tau[i] = 2.0f * t[i] - 0.5f;
+      j[i] = metal::clamp(2.0f * metal::rint((tau[i] - p) / 2.0f) + p, lo, hi);
+      cost += (j[i] - tau[i]) * (j[i] - tau[i]);
+      sum += j[i];
+    }
+    int coord;
+    float sign;
+    const float delta = mlxkv_cheapest_move<8>(j, tau, 2.0f, lo, hi, coord, sign);
+    if (int(sum) % 4 != 0) {
+      j[coord] += sign;
+      cost += delta;
+    }
+    if (p == 0 || cost < best_cost) {
+      best_cost = cost;
+      best_p = p;
+      for (int i = 0; i < 8; i++) {
+        best_j[i] = j[i];
+      }
+    }
+  }
+  uint word = uint(best_p);
+  for (int i = 0; i < 8; i++) {
+    const uint a = uint((best_j[i] - best_p + size) / 2.0f);
+    word |= i < 7 ? a << (1 + M * i) : (a >> 1) << (1 + 7 * M);
+  }
+  return word;
+}
+
+template <int M>
+inline uint mlxkv_d4_encode(thread float* t) {
+  const float half_range = float(1 << (M - 1));
+  uint word = 0;
+  for (int h = 0; h < 2; h++) {
+    float target[4];
+    float k[4];
+    float sum = 0.0f;
+    for (int i = 0; i < 4; i++) {
+      target[i] = t[4 * h + i] - 0.5f;
+      k[i] = metal::clamp(metal::rint(target[i]), -half_range, half_range - 1.0f);
+      sum += k[i];
+    }
+    int coord;
+    float sign;
+    mlxkv_cheapest_move<4>(k, target, 1.0f, -half_range, half_range - 1.0f, coord, sign);
+    if (int(sum) % 2 != 0) {
+      k[coord] += sign;
+    }
+    const uint base = h * (4 * M - 1);
+    for (int i = 0; i < 4; i++) {
+      const uint b = uint(k[i] + half_range);
+      word |= i < 3 ? b << (base + M * i) : (b >> 1) << (base + 3 * M);
+    }
+  }
+  return word;
+}
