@@ -181,7 +181,7 @@ def _launcher(launch: KernelLaunch) -> str:
 def build(launch: KernelLaunch) -> ctypes.CDLL:
     """Compile (or reuse) the .so of this exact generated source."""
     cpp = '#include "msl_emu.h"\n' + to_cpp(make_kernel_source(launch)) + _launcher(launch)
-    emu_header = (EMU_DIR / "msl_emu.h").read_text()
+    emu_header = "".join(p.read_text() for p in sorted(EMU_DIR.glob("*.h")))
     key = hashlib.sha256((cpp + emu_header + " ".join(CXX_FLAGS)).encode()).hexdigest()[:20]
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     so = CACHE_DIR / f"k_{key}.so"
