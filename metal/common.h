@@ -1,7 +1,15 @@
 // mlxkv shared Metal helpers: passed as the `header` of every mx.fast.metal_kernel (after
 // MLX's prelude, which provides <metal_stdlib>, `using namespace metal`, float16_t and
 // bfloat16_t). Only the MSL subset of docs/kernels.md is used, so tests/kernels can run
-// every body through its C++ emulation.
+// every body through its C++ emulation. MLXKV_FN / MLXKV_TG are the function and
+// threadgroup-memory qualifiers, named so that a CUDA prelude for mx.fast.cuda_kernel can
+// redefine them (no CUDA run has been made yet; see docs/kernels.md).
+#ifndef MLXKV_FN
+#define MLXKV_FN inline
+#endif
+#ifndef MLXKV_TG
+#define MLXKV_TG threadgroup
+#endif
 
 static constant constexpr int MLXKV_SIMD_WIDTH = 32;
 
@@ -11,7 +19,7 @@ static constant constexpr int MLXKV_SIMD_WIDTH = 32;
 // thread per stage. Every thread of the threadgroup must call it (it contains barriers); a
 // barrier is issued before the first stage and after the last.
 template <int N, int ROWS>
-inline void mlxkv_fwht(threadgroup float* buf, uint tid, uint nthreads) {
+MLXKV_FN void mlxkv_fwht(MLXKV_TG float* buf, uint tid, uint nthreads) {
   for (int half = 1; half < N; half *= 2) {
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (uint p = tid; p < uint(ROWS * N / 2); p += nthreads) {
@@ -39,7 +47,7 @@ static constant constexpr int MLXKV_E8 = 1;
 static constant constexpr int MLXKV_D4 = 2;
 
 template <int BITS>
-inline uint mlxkv_load_word(const device uint8_t* p) {
+MLXKV_FN uint mlxkv_load_word(const device uint8_t* p) {
   uint w = 0;
   for (int k = 0; k < BITS; k++) {
     w |= uint(p[k]) << (8 * k);
@@ -48,7 +56,7 @@ inline uint mlxkv_load_word(const device uint8_t* p) {
 }
 
 template <int CODEC, int BITS>
-inline void mlxkv_decode8(const device uint8_t* p, float scale, float bias, thread float* x) {
+MLXKV_FN void mlxkv_decode8(const device uint8_t* p, float scale, float bias, thread float* x) {
   const uint mask = (1u << BITS) - 1u;
   const float mid = float(1 << (BITS - 1));
   if (CODEC == MLXKV_AFFINE) {
@@ -86,7 +94,7 @@ inline void mlxkv_decode8(const device uint8_t* p, float scale, float bias, thre
 // ---- codec encode: exact nearest box-lattice point of 8 targets (mirrors codec/lattice.py) --
 // Cheapest single in-box move of +-STEP: first minimum over [up_0..up_{n-1}, down_0..down_{n-1}].
 template <int NC>
-inline float mlxkv_cheapest_move(thread float* j, thread float* tau, float step, float lo,
+MLXKV_FN float mlxkv_cheapest_move(thread float* j, thread float* tau, float step, float lo,
                                  float hi, thread int& coord, thread float& sign) {
   float best = INFINITY;
   coord = 0;
@@ -108,7 +116,7 @@ inline float mlxkv_cheapest_move(thread float* j, thread float* tau, float step,
 }
 
 template <int M>
-inline uint mlxkv_e8_encode(thread float* t) {
+MLXKV_FN uint mlxkv_e8_encode(thread float* t) {
   const float size = float(1 << M);
   float best_j[8];
   float best_cost = 0.0f;
@@ -150,7 +158,7 @@ inline uint mlxkv_e8_encode(thread float* t) {
 }
 
 template <int M>
-inline uint mlxkv_d4_encode(thread float* t) {
+MLXKV_FN uint mlxkv_d4_encode(thread float* t) {
   const float half_range = float(1 << (M - 1));
   uint word = 0;
   for (int h = 0; h < 2; h++) {

@@ -8,7 +8,7 @@
 // D4 half-blocks), packed LSB-first into M little-endian bytes.
 //   x      [N, D]        T
 //   signs  [D]           float   rotation signs
-//   step   []            float   c_{L,m}: scale s = fp16(step * rms(y))
+//   step   [1]           float   c_{L,m}: scale s = fp16(step * rms(y))
 //   codes  [N, D/8 * M]  uint8
 //   scale  [N, 1]        float16
 const uint d = thread_position_in_threadgroup.x;
@@ -31,7 +31,7 @@ float total = 0.0f;
 for (int i = 0; i < D / MLXKV_SIMD_WIDTH; i++) {
   total += partial[i];
 }
-const half s = half(metal::sqrt(total / float(D)) * step);
+const half s = half(metal::sqrt(total / float(D)) * step[0]);
 const float sf = float(s);
 threadgroup_barrier(mem_flags::mem_threadgroup);
 

@@ -13,7 +13,7 @@
 //   block_tables [B, MB]              int32
 //   seq_lens     [B]                  int32 (0 = empty sequence -> output 0)
 //   params       [4]                  int32 {MB, sliding_window (0 = none), num_splits, 0}
-//   scale        []                   float
+//   scale        [1]                  float (a 1-element array: CUDA passes no scalars)
 //   o_part       [B, S, H, D]         float  split output, normalised by its own sum
 //   lse_part     [B, S, H]            float  log-sum-exp of the split (-inf when empty)
 // Keys visible to the decode query at position L-1: j in [max(0, L - W), L) (all if W = 0);
@@ -42,7 +42,7 @@ float l[G];
 for (int g = 0; g < G; g++) {
   const long q_row = (long(b) * H + kvh * G + g) * D + lane * EPL;
   for (int i = 0; i < EPL; i++) {
-    q[g][i] = float(queries[q_row + i]) * scale;
+    q[g][i] = float(queries[q_row + i]) * scale[0];
     acc[g][i] = 0.0f;
   }
   m[g] = -INFINITY;

@@ -19,7 +19,7 @@
 //   k_biases/v_biases  [NB, BS, KVH, D/64]      float16 (affine; >= 8 zeros otherwise)
 //   k_signs            [D]                      float   rotation signs of K (rotated KC)
 //   block_tables [B, MB] int32, seq_lens [B] int32, params [4] int32 {MB, window, S, 0},
-//   scale [] float
+//   scale [1] float
 //   o_part [B, S, H, D] float (normalised per split), lse_part [B, S, H] float
 constexpr int LPT = D / 8;
 constexpr int TPS = MLXKV_SIMD_WIDTH / LPT;
@@ -50,7 +50,7 @@ threadgroup float tg_q[G * D];
 threadgroup float tg_m[NSG * G];
 threadgroup float tg_l[NSG * G];
 threadgroup float tg_acc[NSG * G * D];
-const float q_mul = KC == MLXKV_AFFINE ? scale : scale * metal::rsqrt(float(D));
+const float q_mul = KC == MLXKV_AFFINE ? scale[0] : scale[0] * metal::rsqrt(float(D));
 for (uint idx = tid; idx < uint(G * D); idx += NT) {
   const int d = idx % D;
   const float sign = KC == MLXKV_AFFINE ? 1.0f : k_signs[d];

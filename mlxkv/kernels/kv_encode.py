@@ -54,7 +54,7 @@ def plan_kv_encode(*, x: mx.array, codec: LatticeCodec) -> KernelLaunch:
     flat = x.reshape(-1, D)
     N = flat.shape[0]
     signs = rotation_signs(rotation_matrix(D, codec.seed))
-    step = mx.array(LATTICE_STEPS[(codec.lattice, codec.bits)], dtype=mx.float32)
+    step = mx.array([LATTICE_STEPS[(codec.lattice, codec.bits)]], dtype=mx.float32)
     return KernelLaunch(
         spec=_spec(), inputs=[flat, signs, step],
         template=[("T", x.dtype), ("D", D), ("LAT", 1 if codec.lattice == "e8" else 2),

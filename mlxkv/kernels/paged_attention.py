@@ -87,7 +87,7 @@ def plan_paged_attention(*, queries, k_pool, v_pool, block_tables, seq_lens, sca
     return KernelLaunch(
         spec=_spec(),
         inputs=[queries, k_pool, v_pool.astype(k_pool.dtype), block_tables, seq_lens, params,
-                mx.array(scale, dtype=mx.float32)],
+                mx.array([scale], dtype=mx.float32)],
         template=[("T", queries.dtype), ("D", D), ("BS", BS), ("KVH", kvh), ("G", gqa),
                   ("NSG", nsg)],
         grid=(32 * nsg, kvh, B * splits), threadgroup=(32 * nsg, 1, 1),

@@ -99,7 +99,7 @@ def plan_paged_attention_quant(*, queries, k_pool: Pools, v_pool: Pools, k_codec
     launch = KernelLaunch(
         spec=_spec(),
         inputs=[queries, kc[0], kc[1], kc[2], vc[0], vc[1], vc[2], k_signs, block_tables,
-                seq_lens, params, mx.array(scale, dtype=mx.float32)],
+                seq_lens, params, mx.array([scale], dtype=mx.float32)],
         template=[("T", queries.dtype), ("D", D), ("BS", BS), ("KVH", kvh), ("G", gqa),
                   ("NSG", nsg), ("KC", k_id), ("KB", k_bits), ("VC", v_id), ("VB", v_bits)],
         grid=(32 * nsg, kvh, B * splits), threadgroup=(32 * nsg, 1, 1),
