@@ -5,14 +5,58 @@ and masked by position: query at position p sees key j iff j <= p and, with a sl
 window W, j > p - W. Decode-only sequences are batched into one attention call (their
 block tables are padded with the null block, which the mask hides); prefill chunks run
 one sequence at a time. No token padding is ever added to the batch.
+
+Decode rows can instead go through a `DecodeOp` (the fused kernels of mlxkv.kernels on
+Metal, see `kernel_decode`): it reads K/V straight from the pools through the block
+tables, so no gathered copy of the context is made. Prefill chunks always take the
+reference path.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 
+from mlxkv.codec.identity import IdentityCodec
 from mlxkv.inputs import BatchInputs
+from mlxkv.kernels import paged_attention_kernel, paged_attention_quant_kernel
+from mlxkv.kernels._source import is_metal_available, run_metal
+from mlxkv.kernels.paged_attention import is_kernel_supported as dense_supported
+from mlxkv.kernels.paged_attention_quant import is_kernel_supported as quant_supported
 from mlxkv.kv_store import KVStore
+
+# (q [B, H, D], store, layer_id, block_tables [B, MB], seq_lens [B], scale, window)
+#   -> [B, H, D], or None when the op does not handle this layer (the reference runs).
+DecodeOp = Callable[..., mx.array | None]
+
+
+def kernel_decode(q, store: KVStore, layer_id: int, tables, seq_lens, scale, window,
+                  executor=run_metal):
+    """Fused paged decode attention of one layer (full-precision or compressed pools).
+
+    Returns None when the kernels do not cover the layer's codecs, dtype or head_dim.
+    `executor` runs the launch plans: Metal, or the test emulator.
+    """
+    k_codec, v_codec = store.codecs[layer_id]
+    k_pool, v_pool = store.k_pool(layer_id), store.v_pool(layer_id)
+    kw = dict(queries=q, block_tables=tables, seq_lens=seq_lens, scale=scale,
+              sliding_window=window, executor=executor)
+    if isinstance(k_codec, IdentityCodec) and isinstance(v_codec, IdentityCodec):
+        if not dense_supported(q, k_pool["x"]):
+            return None
+        return paged_attention_kernel(k_pool=k_pool["x"], v_pool=v_pool["x"], **kw)
+    if not quant_supported(q, k_codec, v_codec):
+        return None
+    return paged_attention_quant_kernel(k_pool=k_pool, v_pool=v_pool, k_codec=k_codec,
+                                        v_codec=v_codec, **kw)
+
+
+def default_decode_op(backend: str = "auto") -> DecodeOp | None:
+    """`kernel_decode` when backend is "auto" and Metal is available; None (reference) else."""
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"attention backend must be 'auto' or 'reference', got {backend!r}")
+    return kernel_decode if backend == "auto" and is_metal_available() else None
 
 
 def _context(store: KVStore, layer_id: int, table: mx.array):
@@ -34,8 +78,13 @@ def _mask(q_pos: mx.array, length: int, window: int | None) -> mx.array:
     return mask
 
 
-def _decode_batch(q, store, layer_id, table, positions, scale, window, memo=None):
+def _decode_batch(q, store, layer_id, table, positions, scale, window, memo=None,
+                  decode_op=None):
     """q [B, H, D] one token per sequence -> [B, H, D]."""
+    if decode_op is not None:
+        out = decode_op(q, store, layer_id, table, positions + 1, scale, window)
+        if out is not None:
+            return out
     k, v = _context(store, layer_id, table)
     key = ("decode", k.shape[2], window, id(table))
     mask = None if memo is None else memo.get(key)
@@ -66,16 +115,18 @@ def paged_attention(
     batch: BatchInputs,
     scale: float,
     sliding_window: int | None = None,
+    decode_op: DecodeOp | None = None,
 ) -> mx.array:
     """Attention of the batch's queries q [T, H, D] over the paged store -> [T, H, D].
 
-    The step's K/V must already be written (KVStore.write) at batch.slot_mapping.
+    The step's K/V must already be written (KVStore.write) at batch.slot_mapping. Decode
+    rows use `decode_op` when given (and it covers the layer), the reference otherwise.
     """
     group = store.group_of_layer(layer_id)
     tables = batch.block_tables[group]
     if batch.is_decode_only:
         return _decode_batch(q, store, layer_id, tables, batch.positions, scale, sliding_window,
-                             batch.memo)
+                             batch.memo, decode_op)
     starts = batch.query_start_loc
     outs: dict[int, mx.array] = {}
     decode_rows, chunks = [], {}
@@ -85,11 +136,11 @@ def paged_attention(
             decode_rows.append(i)
         else:  # equal (length, start) chunks share one batched call
             chunks.setdefault((q_len, batch.start_positions[i]), []).append(i)
-    if len(decode_rows) > 1:
+    if len(decode_rows) > 1 or (decode_rows and decode_op is not None):
         rows = mx.array(decode_rows, dtype=mx.int32)
         tok = mx.array([starts[i] for i in decode_rows], dtype=mx.int32)
         decoded = _decode_batch(q[tok], store, layer_id, tables[rows], batch.positions[tok],
-                                scale, sliding_window, batch.memo)
+                                scale, sliding_window, batch.memo, decode_op)
         outs.update({i: decoded[n][None] for n, i in enumerate(decode_rows)})
     elif decode_rows:
         chunks[(1, batch.start_positions[decode_rows[0]])] = decode_rows

@@ -136,6 +136,10 @@ class EngineConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     seed: int = 0
     kernel_verbose: bool = False
+    attention: str = "auto"  # "auto": fused kernels on Metal, else reference; "reference"
+
+    def __post_init__(self) -> None:
+        _check(self.attention in ("auto", "reference"), "attention", "'auto' or 'reference'")
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -200,4 +204,5 @@ class EngineConfig:
         return cls(
             model=ModelConfig(cache_dir=os.environ.get("MLXKV_CACHE_DIR")),
             kernel_verbose=os.environ.get("MLXKV_KERNEL_VERBOSE", "0") == "1",
+            attention=os.environ.get("MLXKV_ATTENTION", "auto"),
         )

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
+from mlxkv.attention import default_decode_op
 from mlxkv.cache_manager import KVCacheManager
 from mlxkv.config import EngineConfig
 from mlxkv.detokenizer import Detokenizer
@@ -54,7 +55,7 @@ class LLMEngine:
         self.cache = cache
         self.config = config
         self.max_model_len = max_model_len
-        self.runner = ModelRunner(model, store)
+        self.runner = ModelRunner(model, store, default_decode_op(config.attention))
         self.scheduler = Scheduler(config.scheduler, cache)
         self.eos_token_ids = _eos_ids(tokenizer)
         self._detok: dict[str, Detokenizer] = {}

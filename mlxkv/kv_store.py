@@ -10,15 +10,17 @@ reference to a pool (that would force MLX to copy the whole pool on the next wri
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import mlx.core as mx
 
 from mlxkv.codec.base import KVCodec
 from mlxkv.codec.identity import IdentityCodec
+from mlxkv.kernels.kv_encode import kv_encode
 from mlxkv.kv_spec import KVGroupSpec
 
 Pools = dict[str, mx.array]
+Encoder = Callable[..., dict[str, mx.array]]
 
 
 class KVStore:
@@ -31,11 +33,15 @@ class KVStore:
         block_size: int,
         dtype: mx.Dtype,
         codecs: Mapping[int, tuple[KVCodec, KVCodec]] | None = None,
+        encoder: Encoder = kv_encode,
     ):
+        """`encoder(x=, codec=)` -> packed components: the kv_encode dispatcher (Metal
+        kernel for lattice codecs, else codec.encode) unless a test passes another."""
         self.groups = list(groups)
         self.num_blocks = list(num_blocks)
         self.block_size = block_size
         self.dtype = dtype
+        self.encoder = encoder
         self._group_of: dict[int, int] = {}
         self.codecs: dict[int, tuple[KVCodec, KVCodec]] = {}
         self._pools: dict[int, tuple[Pools, Pools]] = {}
@@ -97,7 +103,7 @@ class KVStore:
         """Store k, v [T, num_kv_heads, head_dim] at slots [T] (encoded by the layer codec)."""
         for pools, codec, x in zip(self._pools[layer_id], self.codecs[layer_id], (k, v),
                                    strict=True):
-            for name, comp in codec.encode(x).items():
+            for name, comp in self.encoder(x=x, codec=codec).items():
                 pool = pools[name]
                 flat = pool.reshape(-1, *pool.shape[2:])
                 flat[slot_mapping] = comp.astype(pool.dtype)

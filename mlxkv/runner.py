@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from mlxkv.attention import DecodeOp
 from mlxkv.inputs import BatchInputs
 from mlxkv.kv_store import KVStore
 from mlxkv.models import adapter
@@ -12,16 +13,19 @@ from mlxkv.models import adapter
 class ModelRunner:
     """Owns the model and the store; knows nothing of requests or the scheduler."""
 
-    def __init__(self, model, store: KVStore):
+    def __init__(self, model, store: KVStore, decode_op: DecodeOp | None = None):
+        """`decode_op`: fused decode attention (attention.default_decode_op()), or None."""
         adapter.check_supported(model)
         adapter.install_seam()
         self.model = model
         self.store = store
         self.windows = adapter.layer_windows(model)
+        self.decode_op = decode_op
 
     def forward(self, batch: BatchInputs) -> mx.array:
         """fp32 logits [num_sampling_seqs, vocab] (lazy; the store's writes are in the graph)."""
-        return adapter.paged_forward(self.model, self.store, batch, self.windows)
+        return adapter.paged_forward(self.model, self.store, batch, self.windows,
+                                     self.decode_op)
 
     def copy_blocks(self, cow_copies: list[list[tuple[int, int]]]) -> None:
         """Apply an allocation's per-group COW copies before the step's writes."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from mlxkv.attention import paged_attention
+from mlxkv.attention import DecodeOp, paged_attention
 from mlxkv.inputs import BatchInputs
 from mlxkv.kv_spec import KVGroupSpec, make_group_specs
 from mlxkv.kv_store import KVStore
@@ -36,6 +36,7 @@ class PagedLayerCache:
     batch: BatchInputs
     sliding_window: int | None
     fallback_repeats: int | None = None  # set for SELF_ATTENTION models: GQA repeats
+    decode_op: DecodeOp | None = None  # fused decode kernels (None: reference attention)
 
     @property
     def offset(self) -> mx.array:
@@ -87,7 +88,7 @@ def _make_paged_sdpa(original):
         if sinks is not None:
             raise NotImplementedError("attention sinks are not supported by the paged path")
         out = paged_attention(queries[:, :, 0], cache.store, cache.layer_id, cache.batch,
-                              scale, cache.sliding_window)
+                              scale, cache.sliding_window, cache.decode_op)
         return out[:, :, None]
 
     scaled_dot_product_attention._mlxkv_original = original
@@ -148,13 +149,15 @@ def _lm_head(model, hidden: mx.array) -> mx.array:
     return logits
 
 
-def paged_forward(model, store: KVStore, batch: BatchInputs, windows) -> mx.array:
+def paged_forward(model, store: KVStore, batch: BatchInputs, windows,
+                  decode_op: DecodeOp | None = None) -> mx.array:
     """Run the model on the batch over the store -> fp32 logits [S, vocab] (sampled rows)."""
     repeats = None
     if model_type(model) in SELF_ATTENTION:
         attn = model.layers[0].self_attn
         repeats = attn.n_heads // attn.n_kv_heads
-    caches = [PagedLayerCache(i, store, batch, w, repeats) for i, w in enumerate(windows)]
+    caches = [PagedLayerCache(i, store, batch, w, repeats, decode_op)
+              for i, w in enumerate(windows)]
     hidden = model.model(batch.input_ids[:, None], cache=caches)  # [T, 1, hidden]
     hidden = hidden[batch.logits_indices, 0]
     return _lm_head(model, hidden).astype(mx.float32)
