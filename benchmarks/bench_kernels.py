@@ -2,21 +2,28 @@
 
 Times the pure-mx reference paths on whatever device MLX uses (CPU here), the Metal
 kernels when a Metal device exists, and mx.fast.scaled_dot_product_attention on contiguous
-K/V as the anchor. Prints hardware, settings and git revision; writes
-results/kernels.json. Medians of --repeats timed runs after one warm-up.
+K/V as the anchor. Each attention row also gives its bandwidth floor: the bytes of K/V
+the op must read at least once divided by the measured copy bandwidth (floor.py's test).
+Prints hardware, settings and git revision; writes results/kernels.json and a PNG.
+Medians of --repeats timed runs after one warm-up.
 
     python benchmarks/bench_kernels.py [--quick] [--contexts 512 2048] [--batch 1 8]
 """
 
+# ruff: noqa: I001  (benchmarks/_common must be imported before mlx: it preloads OpenBLAS)
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
+from pathlib import Path
 
-import mlx.core as mx  # noqa: E402  (after mlxkv via _common)
+from _common import RESULTS, header, plot, print_header, write_json  # BLAS first
+from floor import bandwidth_gib_s
+from tqdm import tqdm
+
+import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import header, print_header, write_json
 
 from mlxkv.codec import get_codec  # noqa: E402
 from mlxkv.kernels import kv_encode_kernel, kv_encode_ref  # noqa: E402
@@ -62,13 +69,21 @@ def _sdpa_fn(case, gqa):
     return lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=case["scale"])
 
 
+def _kv_bytes(pools, table) -> int:
+    """Bytes of the pool rows the tables reference (what attention must read once)."""
+    used = int(table.size)
+    return sum(int(a.nbytes) // a.shape[0] * used for pool in pools for a in pool.values())
+
+
 def bench_attention(batch, context, args, metal: bool) -> list[dict]:
     case = _case(batch, context, args.kv_heads, args.gqa, args.head_dim, args.block_size)
-    rows = [{"op": "sdpa_contiguous", "ms": _median_ms(_sdpa_fn(case, args.gqa), args.repeats)},
-            {"op": "paged_attention_ref",
+    fp_bytes = _kv_bytes([{"x": case["k_pool"]}, {"x": case["v_pool"]}], case["block_tables"])
+    rows = [{"op": "sdpa_contiguous", "kv_bytes": fp_bytes,
+             "ms": _median_ms(_sdpa_fn(case, args.gqa), args.repeats)},
+            {"op": "paged_attention_ref", "kv_bytes": fp_bytes,
              "ms": _median_ms(lambda: paged_attention_ref(**case), args.repeats)}]
     if metal:
-        rows.append({"op": "paged_attention_kernel",
+        rows.append({"op": "paged_attention_kernel", "kv_bytes": fp_bytes,
                      "ms": _median_ms(lambda: paged_attention_kernel(**case), args.repeats)})
     k_fp, v_fp = case.pop("k_pool"), case.pop("v_pool")
     for spec in args.codecs:
@@ -77,11 +92,12 @@ def bench_attention(batch, context, args, metal: bool) -> list[dict]:
         qcase = dict(case, k_pool=kc.encode(k_fp), v_pool=vc.encode(v_fp), k_codec=kc,
                      v_codec=vc)
         mx.eval(qcase["k_pool"], qcase["v_pool"])
-        rows.append({"op": f"paged_attention_quant_ref[{spec}]",
+        q_bytes = _kv_bytes([qcase["k_pool"], qcase["v_pool"]], case["block_tables"])
+        rows.append({"op": f"paged_attention_quant_ref[{spec}]", "kv_bytes": q_bytes,
                      "ms": _median_ms(lambda q=qcase: paged_attention_quant_ref(**q),
                                       args.repeats)})
         if metal:
-            rows.append({"op": f"paged_attention_quant_kernel[{spec}]",
+            rows.append({"op": f"paged_attention_quant_kernel[{spec}]", "kv_bytes": q_bytes,
                          "ms": _median_ms(lambda q=qcase: paged_attention_quant_kernel(**q),
                                           args.repeats)})
     for row in rows:
@@ -117,29 +133,47 @@ def main(argv=None) -> dict:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--codecs", nargs="+", default=["int4/int4", "e8m4/e8m3"])
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--out-dir", default=None)
+    p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.quick:
         args.contexts, args.batch, args.repeats, args.kv_heads = [256], [2], 3, 2
     metal = is_metal_available()
-    settings = {k: v for k, v in vars(args).items() if k != "out_dir"}
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
     settings["metal_kernels_timed"] = metal
     h = header("none (synthetic KV)", "float32", settings)
     print_header(h)
     if not metal:
         print("# no Metal device: only reference paths and mx.fast SDPA are timed")
+    bw = bandwidth_gib_s(64 if args.quick else 512)
+    print(f"# measured copy bandwidth: MLX {bw['mlx_gib_s']:.1f} GiB/s")
     rows = []
-    for batch in args.batch:
-        for context in args.contexts:
-            rows += bench_attention(batch, context, args, metal)
+    cells = [(b, c) for b in args.batch for c in args.contexts]
+    for batch, context in tqdm(cells, desc="attention"):
+        rows += bench_attention(batch, context, args, metal)
     rows += bench_encode(max(args.batch) * 64, args, metal)
     for row in rows:
+        if "kv_bytes" in row:
+            row["floor_ms"] = row["kv_bytes"] / (bw["mlx_gib_s"] * 2**30) * 1e3
         where = (f"B={row['batch']:<3} L={row['context']:<6}" if "batch" in row
                  else f"T={row['tokens']:<10}")
-        print(f"{where} {row['op']:<44} {row['ms']:9.3f} ms")
-    payload = {"header": h, "rows": rows}
-    write_json("kernels_quick" if args.quick else "kernels", payload, args.out_dir)
+        floor = f"  floor {row['floor_ms']:8.3f} ms" if "floor_ms" in row else ""
+        print(f"{where} {row['op']:<44} {row['ms']:9.3f} ms{floor}")
+    payload = {**h, "bandwidth": bw, "rows": rows}
+    tag = "kernels_quick" if args.quick else "kernels"
+    write_json(tag, payload, args.out)
+    _plot(Path(args.out) / f"{tag}.png", rows, args)
     return payload
+
+
+def _plot(path: Path, rows: list[dict], args) -> None:
+    """ms per op against context, one line per (op, batch); the floor dashed."""
+    series = {}
+    for batch in args.batch:
+        for op in dict.fromkeys(r["op"] for r in rows if r.get("batch") == batch):
+            pts = [(r["context"], r["ms"]) for r in rows if r.get("batch") == batch
+                   and r["op"] == op]
+            series[f"{op} B={batch}"] = ([x for x, _ in pts], [y for _, y in pts])
+    plot(path, "Decode attention, one layer (CPU reference paths)", "context", "ms", series)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ RUNS = [
     ["shared_prefix.py", "--model", "smollm2-135m-instruct"],
     ["paged_vs_dense.py", "--model", "smollm2-135m-instruct"],
     ["floor.py", "--model", "smollm2-135m-instruct"],
+    ["bench_kernels.py"],
 ]
 
 
@@ -37,8 +38,9 @@ def _load(name: str, results: Path) -> dict | None:
 
 
 def _src(d: dict, cmd: str, name: str) -> str:
-    return (f"`python benchmarks/{cmd}` (git {d['git_revision']}, {d['timestamp'][:10]}; "
-            f"results/{name}.json)")
+    cpu = d.get("hardware", {}).get("cpu", "?")
+    return (f"`python benchmarks/{cmd}` (git {d['git_revision']}, {d['timestamp'][:10]}, "
+            f"{cpu}; results/{name}.json)")
 
 
 def table_throughput(d):
@@ -101,6 +103,23 @@ def table_floor(d):
     return [_src(d, "floor.py", "floor"), "", *rows]
 
 
+def table_kernels(d):
+    bw = d["bandwidth"]["mlx_gib_s"]
+    rows = [f"Measured copy bandwidth {bw:.1f} GiB/s; one layer, {d['settings']['kv_heads']} KV "
+            f"heads x GQA {d['settings']['gqa']}, head_dim {d['settings']['head_dim']}, "
+            f"block size {d['settings']['block_size']}, float32 queries.", "",
+            "| batch | context | op | ms | KV floor ms | floor / ms |",
+            "|---:|---:|---|---:|---:|---:|"]
+    rows += [f"| {r['batch']} | {r['context']} | `{r['op']}` | {r['ms']:.2f} | "
+             f"{r['floor_ms']:.2f} | {100 * r['floor_ms'] / r['ms']:.0f}% |"
+             for r in d["rows"] if "context" in r]
+    enc = [r for r in d["rows"] if "tokens" in r]
+    if enc:
+        rows += ["", "| tokens | op | ms |", "|---:|---|---:|"]
+        rows += [f"| {r['tokens']} | `{r['op']}` | {r['ms']:.2f} |" for r in enc]
+    return [_src(d, "bench_kernels.py", "kernels"), "", *rows]
+
+
 def render(results: Path) -> None:
     tables = {
         "throughput": ("benchmarks.md", "throughput", table_throughput),
@@ -108,6 +127,7 @@ def render(results: Path) -> None:
         "shared_prefix": ("benchmarks.md", "shared_prefix", table_shared),
         "paged_vs_dense": ("benchmarks.md", "paged_vs_dense", table_pvd),
         "floor": ("benchmarks.md", "floor", table_floor),
+        "kernels": ("kernels.md", "kernels", table_kernels),
         "quality_smollm2": ("compression.md", "quality_smollm2-135m-instruct",
                             lambda d: table_quality(d, "quality_smollm2-135m-instruct")),
         "quality_gemma3": ("compression.md", "quality_gemma3-270m",

@@ -46,7 +46,8 @@ def kernel_decode(q, store: KVStore, layer_id: int, tables, seq_lens, scale, win
         if not dense_supported(q, k_pool["x"]):
             return None
         return paged_attention_kernel(k_pool=k_pool["x"], v_pool=v_pool["x"], **kw)
-    if not quant_supported(q, k_codec, v_codec):
+    kv_heads = store.groups[store.group_of_layer(layer_id)].num_kv_heads
+    if not quant_supported(q, k_codec, v_codec, kv_heads):
         return None
     return paged_attention_quant_kernel(k_pool=k_pool, v_pool=v_pool, k_codec=k_codec,
                                         v_codec=v_codec, **kw)

@@ -110,10 +110,3 @@ def run_metal(launch: KernelLaunch, verbose: bool = False) -> list[mx.array]:
 def log_fallback_once(op: str, reason: str) -> None:
     """INFO log (once per op and reason) that a dispatcher used the reference path."""
     log.info("%s: using the pure-mx reference path (%s)", op, reason)
-
-
-def check_contiguous(name: str, x: mx.array) -> None:
-    """Raise ValueError unless x is row-contiguous (the kernel must never copy a KV pool)."""
-    flags = getattr(x, "flags", None)
-    if flags is not None and not flags.row_contiguous:  # pragma: no cover - mx lacks flags
-        raise ValueError(f"{name} must be row-contiguous (a copy of the KV pool is refused)")

@@ -30,6 +30,13 @@ from mlxkv.kernels.paged_attention_combine import paged_attention_combine_kernel
 Executor = Callable[[KernelLaunch], list[mx.array]]
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 _TG_FLOATS = 4096  # threadgroup floats for the simdgroup merge (16 KiB of Metal's 32 KiB)
+TG_LIMIT_BYTES = 32768  # Metal's threadgroup memory per threadgroup
+
+
+def threadgroup_bytes(gqa: int, head_dim: int, nsg: int, rotated_query: bool = False) -> int:
+    """Threadgroup memory of one attention threadgroup: tg_m, tg_l, tg_acc (+ tg_q)."""
+    floats = nsg * gqa * (head_dim + 2) + (gqa * head_dim if rotated_query else 0)
+    return 4 * floats
 
 
 def _spec():
@@ -83,6 +90,8 @@ def plan_paged_attention(*, queries, k_pool, v_pool, block_tables, seq_lens, sca
         raise ValueError(f"paged_attention_kernel supports head_dim {SUPPORTED_HEAD_DIMS}")
     splits = num_splits or default_num_splits(MB * BS)
     nsg = simdgroups_for(gqa, D)
+    if threadgroup_bytes(gqa, D, nsg) > TG_LIMIT_BYTES:
+        raise ValueError(f"GQA {gqa} x head_dim {D} needs more than 32 KiB of threadgroup memory")
     params = mx.array([MB, sliding_window or 0, splits, 0], dtype=mx.int32)
     return KernelLaunch(
         spec=_spec(),
@@ -151,9 +160,12 @@ def paged_attention_ref(*, queries, k_pool, v_pool, block_tables, seq_lens, scal
 
 
 def is_kernel_supported(queries: mx.array, k_pool: mx.array) -> bool:
-    """True when the Metal kernel handles this dtype/head_dim combination."""
-    return (queries.shape[-1] in SUPPORTED_HEAD_DIMS and k_pool.dtype == queries.dtype
-            and queries.dtype in (mx.float32, mx.float16, mx.bfloat16))
+    """True when the Metal kernel handles this dtype/head_dim/GQA combination."""
+    D = queries.shape[-1]
+    gqa = queries.shape[1] // max(1, k_pool.shape[2])
+    return (D in SUPPORTED_HEAD_DIMS and k_pool.dtype == queries.dtype
+            and queries.dtype in (mx.float32, mx.float16, mx.bfloat16)
+            and threadgroup_bytes(gqa, D, simdgroups_for(gqa, D)) <= TG_LIMIT_BYTES)
 
 
 def paged_attention(*, queries, k_pool, v_pool, block_tables, seq_lens, scale: float,

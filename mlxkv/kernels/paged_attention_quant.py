@@ -32,9 +32,11 @@ from mlxkv.kernels._source import (
 )
 from mlxkv.kernels.paged_attention import (
     SUPPORTED_HEAD_DIMS,
+    TG_LIMIT_BYTES,
     attend_ref,
     check_tables,
     default_num_splits,
+    threadgroup_bytes,
     visible_mask,
 )
 from mlxkv.kernels.paged_attention_combine import paged_attention_combine_kernel
@@ -69,11 +71,30 @@ def _components(pool: Pools, codec: KVCodec, head_dim: int):
     return pool["codes"], pool["scale"], mx.zeros((8,), dtype=mx.float16), signs
 
 
-def is_kernel_supported(queries: mx.array, k_codec: KVCodec, v_codec: KVCodec) -> bool:
-    """True when the kernel decodes both codecs at this head_dim and dtype."""
-    return (queries.shape[-1] in SUPPORTED_HEAD_DIMS and codec_kind(k_codec) is not None
+def simdgroups_for(gqa: int, head_dim: int) -> int:
+    """Simdgroups per threadgroup so tg_q + the merge buffer stay within _TG_FLOATS."""
+    return max(1, min(4, _TG_FLOATS // (gqa * head_dim) - 1))
+
+
+def fits_threadgroup(gqa: int, head_dim: int) -> bool:
+    """True when one threadgroup's tg_q + merge buffers fit Metal's 32 KiB."""
+    nsg = simdgroups_for(gqa, head_dim)
+    return threadgroup_bytes(gqa, head_dim, nsg, rotated_query=True) <= TG_LIMIT_BYTES
+
+
+def pool_kv_heads(pool: Pools) -> int:
+    """KV heads of a component dict ([NB, BS, KVH, *] every component)."""
+    return next(iter(pool.values())).shape[2]
+
+
+def is_kernel_supported(queries: mx.array, k_codec: KVCodec, v_codec: KVCodec,
+                        num_kv_heads: int = 1) -> bool:
+    """True when the kernel decodes both codecs at this head_dim, dtype and GQA ratio."""
+    D = queries.shape[-1]
+    return (D in SUPPORTED_HEAD_DIMS and codec_kind(k_codec) is not None
             and codec_kind(v_codec) is not None
-            and queries.dtype in (mx.float32, mx.float16, mx.bfloat16))
+            and queries.dtype in (mx.float32, mx.float16, mx.bfloat16)
+            and fits_threadgroup(queries.shape[1] // max(1, num_kv_heads), D))
 
 
 def plan_paged_attention_quant(*, queries, k_pool: Pools, v_pool: Pools, k_codec: KVCodec,
@@ -81,9 +102,10 @@ def plan_paged_attention_quant(*, queries, k_pool: Pools, v_pool: Pools, k_codec
                                sliding_window: int | None = None,
                                num_splits: int | None = None) -> tuple[KernelLaunch, mx.array | None]:
     """Launch plan of the attention pass, plus the V rotation signs (None: V not rotated)."""
-    if not is_kernel_supported(queries, k_codec, v_codec):
-        raise ValueError(f"unsupported codecs/head_dim for the kernel: {k_codec.name}, "
-                         f"{v_codec.name}, D={queries.shape[-1]}")
+    if not is_kernel_supported(queries, k_codec, v_codec, pool_kv_heads(k_pool)):
+        raise ValueError(f"unsupported codecs/head_dim/GQA for the kernel: {k_codec.name}, "
+                         f"{v_codec.name}, D={queries.shape[-1]} (or > 32 KiB threadgroup "
+                         "memory)")
     B, H, D = queries.shape
     kc, vc = _components(k_pool, k_codec, D), _components(v_pool, v_codec, D)
     if kc[0].ndim != 4 or kc[0].shape[:3] != vc[0].shape[:3]:
@@ -92,7 +114,9 @@ def plan_paged_attention_quant(*, queries, k_pool: Pools, v_pool: Pools, k_codec
     gqa = check_tables(queries, kvh, block_tables, seq_lens)
     BS, MB = kc[0].shape[1], block_tables.shape[1]
     splits = num_splits or default_num_splits(MB * BS)
-    nsg = max(1, min(4, _TG_FLOATS // (gqa * D) - 1))
+    nsg = simdgroups_for(gqa, D)
+    if not fits_threadgroup(gqa, D):
+        raise ValueError(f"GQA {gqa} x head_dim {D} needs more than 32 KiB of threadgroup memory")
     (k_id, k_bits), (v_id, v_bits) = codec_kind(k_codec), codec_kind(v_codec)
     k_signs = kc[3] if kc[3] is not None else mx.ones((D,), dtype=mx.float32)
     params = mx.array([MB, sliding_window or 0, splits, 0], dtype=mx.int32)
@@ -155,7 +179,8 @@ def paged_attention_quant(*, queries, k_pool: Pools, v_pool: Pools, k_codec: KVC
     kwargs = dict(queries=queries, k_pool=k_pool, v_pool=v_pool, k_codec=k_codec,
                   v_codec=v_codec, block_tables=block_tables, seq_lens=seq_lens, scale=scale,
                   sliding_window=sliding_window, num_splits=num_splits)
-    if is_metal_available() and is_kernel_supported(queries, k_codec, v_codec):
+    if is_metal_available() and is_kernel_supported(queries, k_codec, v_codec,
+                                                    pool_kv_heads(k_pool)):
         return paged_attention_quant_kernel(**kwargs)
     log_fallback_once("paged_attention_quant", "no Metal device or unsupported codec")
     return paged_attention_quant_ref(**kwargs)

@@ -91,3 +91,14 @@ def test_paged_vs_dense_quick(tmp_path):
     assert [(r["batch"], r["context"]) for r in data["rows"]] == [(1, 16), (1, 32), (8, 16),
                                                                   (8, 32)]
     assert all({"paged_tok_s", "dense_tok_s", "ratio"} <= set(r) for r in data["rows"])
+
+
+def test_kernels_quick(tmp_path):
+    proc = run("bench_kernels.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "kernels_quick.json").read_text())
+    assert {"git_revision", "hardware", "settings", "bandwidth", "rows"} <= set(data)
+    ops = {r["op"] for r in data["rows"]}
+    assert {"sdpa_contiguous", "paged_attention_ref", "kv_encode_ref[e8m4]"} <= ops
+    attention = [r for r in data["rows"] if "context" in r]
+    assert attention and all(r["ms"] > 0 and r["floor_ms"] > 0 for r in attention)

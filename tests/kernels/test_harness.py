@@ -132,9 +132,14 @@ def test_early_return_before_barrier_is_an_error():
 
 
 def test_out_of_bounds_read_is_an_error_not_a_crash():
+    """Reading just past the end of a device buffer lands in its guard page: a fault.
+
+    (A far offset would not do: it can land in memory the process has mapped elsewhere.)
+    """
     case = _attention_case()
-    launch = mutate(plan_paged_attention(**case, num_splits=1), "k[i] = float(k_pool[row + i]);",
-                    "k[i] = float(k_pool[row + i + 100000000]);")
+    end = case["k_pool"].size  # the first element past the buffer
+    launch = mutate(plan_paged_attention(**case, num_splits=1),
+                    "k[i] = float(k_pool[row + i]);", f"k[i] = float(k_pool[{end} + i]);")
     with pytest.raises(EmulationError, match="fault"):
         emulate(launch)
 

@@ -73,3 +73,15 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError):
         paged_attention_kernel(**{**case, "queries": case["queries"][:, :1, :32]},
                                executor=emulate)
+
+
+def test_threadgroup_memory_limit_declines_instead_of_miscompiling():
+    """GQA 32 at head_dim 256 would need > 32 KiB of threadgroup memory: no kernel."""
+    from mlxkv.kernels.paged_attention import is_kernel_supported, plan_paged_attention
+
+    case = make_case(seq_lens=[3], num_kv_heads=1, gqa=32, head_dim=256, block_size=16)
+    assert not is_kernel_supported(case["queries"], case["k_pool"])
+    with pytest.raises(ValueError, match="32 KiB"):
+        plan_paged_attention(**case)
+    small = make_case(seq_lens=[3], num_kv_heads=2, gqa=8, head_dim=256, block_size=16)
+    assert is_kernel_supported(small["queries"], small["k_pool"])

@@ -80,3 +80,14 @@ def test_planted_quant_bugs_are_caught(old, new):
     except EmulationError:
         return
     assert max_err(bad_out, good_out) > 1e-3
+
+
+def test_quant_threadgroup_memory_limit():
+    from mlxkv.kernels.paged_attention_quant import is_kernel_supported
+
+    big = make_quant_case("e8m4", "e8m3", seq_lens=[3], kvh=1, gqa=16, D=256, BS=16)
+    assert not is_kernel_supported(big["queries"], big["k_codec"], big["v_codec"], 1)
+    with pytest.raises(ValueError, match="32 KiB"):
+        plan_paged_attention_quant(**big)
+    ok = make_quant_case("e8m4", "e8m3", seq_lens=[3], kvh=2, gqa=8, D=128, BS=16)
+    assert is_kernel_supported(ok["queries"], ok["k_codec"], ok["v_codec"], 2)
