@@ -64,8 +64,10 @@ def _context(store: KVStore, layer_id: int, table: mx.array):
     """Decoded K, V [rows, num_kv_heads, L, head_dim] for block tables [rows, num_blocks]."""
     k, v = store.gather_blocks(layer_id, table)  # [rows, nb, bs, kvh, d]
     rows = table.shape[0]
-    k = k.reshape(rows, -1, *k.shape[3:]).transpose(0, 2, 1, 3)
-    v = v.reshape(rows, -1, *v.shape[3:]).transpose(0, 2, 1, 3)
+    # Made contiguous here: MLX's CPU attention on the strided [rows, L, kvh, d] view is
+    # several times slower than this one copy (benchmarks/paged_vs_dense.py).
+    k = mx.contiguous(k.reshape(rows, -1, *k.shape[3:]).transpose(0, 2, 1, 3))
+    v = mx.contiguous(v.reshape(rows, -1, *v.shape[3:]).transpose(0, 2, 1, 3))
     return k, v
 
 
