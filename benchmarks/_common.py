@@ -107,3 +107,29 @@ def plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict) -> Path
     plt.close(fig)
     print(f"# wrote {path}")
     return path
+
+
+def bar_plot(path: Path, title: str, panels: dict) -> Path | None:
+    """Side-by-side bars: {panel title: {bar label: value}}, one subplot per panel (PNG)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    for ax, (panel, bars) in zip(axes[0], panels.items(), strict=True):
+        labels, values = list(bars), list(bars.values())
+        ax.bar(labels, values, color=[f"C{i}" for i in range(len(labels))])
+        for i, v in enumerate(values):
+            ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=8)
+        ax.set_title(panel, fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"# wrote {path}")
+    return path

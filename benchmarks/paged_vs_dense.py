@@ -12,6 +12,7 @@ gather through the reference path). Median of 8 steps after prefill; tokens/s = 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from pathlib import Path
@@ -41,6 +42,12 @@ def dense_step_time(model, batch: int, context: int) -> float:
     return statistics.median(times)
 
 
+def _fresh() -> None:
+    """Drop freed buffers between measurements (a cell must not pay for the last one's)."""
+    gc.collect()
+    mx.clear_cache()
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
@@ -63,7 +70,9 @@ def main(argv=None) -> dict:
     rows = []
     for b in batches:
         for ctx in tqdm(contexts, desc=f"batch {b}"):
+            _fresh()
             paged = step_time(llm, b, ctx)
+            _fresh()
             dense = dense_step_time(model, b, ctx)
             rows.append({"batch": b, "context": ctx, "paged_tok_s": b / paged,
                          "dense_tok_s": b / dense, "ratio": dense / paged})

@@ -17,8 +17,11 @@ import argparse
 import random
 import statistics
 import time
+from pathlib import Path
 
-from _common import RESULTS, header, load_model_for, print_header, write_json  # BLAS first
+from _common import (  # BLAS first
+    RESULTS, bar_plot, header, load_model_for, print_header, write_json)
+from tqdm import tqdm
 
 import mlx.core as mx  # noqa: E402, I001
 
@@ -91,15 +94,26 @@ def main(argv=None) -> dict:
     h = header(name, "float32", {"requests": args.requests, "prefix_len": prefix_len,
                                  "suffix_len": args.suffix_len, "block_size": 16})
     print_header(h)
-    ours = mlxkv_side(llm, prompts)
-    theirs = mlx_lm_side(model, prompts)
+    sides = {}
+    for side in tqdm(["mlxkv", "mlx-lm"], desc="sides"):
+        sides[side] = mlxkv_side(llm, prompts) if side == "mlxkv" else mlx_lm_side(model, prompts)
+    ours, theirs = sides["mlxkv"], sides["mlx-lm"]
     for label, r in (("mlxkv", ours), ("mlx-lm", theirs)):
         print(f"{label:>7}: KV held {r['kv_bytes_held'] / 2**20:8.1f} MiB | prefill tokens "
               f"{r['prefill_tokens']:6d} | TTFT leader {r['ttft_first_s'] * 1e3:7.0f} ms, "
               f"followers (median) {r['ttft_followers_median_s'] * 1e3:7.0f} ms")
     result = {**h, "mlxkv": ours, "mlx_lm": theirs,
               "kv_bytes_ratio": theirs["kv_bytes_held"] / max(1, ours["kv_bytes_held"])}
-    write_json("shared_prefix_quick" if args.quick else "shared_prefix", result, args.out)
+    tag = "shared_prefix_quick" if args.quick else "shared_prefix"
+    write_json(tag, result, args.out)
+    panels = {
+        "KV held (MiB)": {k: v["kv_bytes_held"] / 2**20 for k, v in sides.items()},
+        "prefill tokens": {k: v["prefill_tokens"] for k, v in sides.items()},
+        "follower TTFT median (ms)": {k: v["ttft_followers_median_s"] * 1e3
+                                      for k, v in sides.items()},
+    }
+    bar_plot(Path(args.out) / f"{tag}.png",
+             f"{args.requests} requests sharing a {prefix_len}-token prefix, {name}", panels)
     return result
 
 

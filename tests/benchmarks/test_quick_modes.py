@@ -73,6 +73,7 @@ def test_shared_prefix_quick(tmp_path):
         assert {"kv_bytes_held", "prefill_tokens", "ttft_first_s",
                 "ttft_followers_median_s"} <= set(data[side])
     assert len(data["mlxkv"]["cached_tokens"]) == 8
+    assert (tmp_path / "shared_prefix_quick.png").stat().st_size > 0
 
 
 def test_floor_quick(tmp_path):
@@ -82,6 +83,7 @@ def test_floor_quick(tmp_path):
     assert {"mlx_gib_s", "numpy_gib_s"} <= set(data["bandwidth"])
     assert [r["batch"] for r in data["rows"]] == [1, 2]
     assert all({"step_s", "floor_s", "bytes_per_step"} <= set(r) for r in data["rows"])
+    assert (tmp_path / "floor_quick.png").stat().st_size > 0
 
 
 def test_paged_vs_dense_quick(tmp_path):
@@ -102,3 +104,4 @@ def test_kernels_quick(tmp_path):
     assert {"sdpa_contiguous", "paged_attention_ref", "kv_encode_ref[e8m4]"} <= ops
     attention = [r for r in data["rows"] if "context" in r]
     assert attention and all(r["ms"] > 0 and r["floor_ms"] > 0 for r in attention)
+    assert (tmp_path / "kernels_quick.png").stat().st_size > 0
