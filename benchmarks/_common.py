@@ -85,8 +85,10 @@ def load_model_for(args):
     return loaded, loaded.name
 
 
-def plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict) -> Path | None:
-    """Line plot of {label: (xs, ys)} to path (PNG); None when matplotlib is missing."""
+def plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict,
+         log: bool = False) -> Path | None:
+    """Line plot of {label: (xs, ys)} to path (PNG), log-log when `log`; None without
+    matplotlib."""
     try:
         import matplotlib
 
@@ -97,11 +99,14 @@ def plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict) -> Path
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=label)
+    if log:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -176,7 +176,8 @@ def _plot(path: Path, rows: list[dict], args) -> None:
             pts = [(r["context"], r["ms"]) for r in rows if r.get("batch") == batch
                    and r["op"] == op]
             series[f"{op} B={batch}"] = ([x for x, _ in pts], [y for _, y in pts])
-    plot(path, "Decode attention, one layer (CPU reference paths)", "context", "ms", series)
+    plot(path, "Decode attention, one layer (CPU reference paths)", "context", "ms", series,
+         log=True)
 
 
 if __name__ == "__main__":

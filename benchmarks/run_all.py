@@ -94,7 +94,7 @@ def table_pvd(d):
 def table_floor(d):
     bw = d["bandwidth"]
     rows = [f"Measured bandwidth: MLX {bw['mlx_gib_s']:.1f} GiB/s, numpy {bw['numpy_gib_s']:.1f}"
-            " GiB/s (the floor uses the faster); weights {d['weight_bytes'] / 2**20:.0f} MiB; KV "
+            f" GiB/s (the floor uses the faster); weights {d['weight_bytes'] / 2**20:.0f} MiB; KV "
             f"{d['kv_bytes_per_token']} B/token.", "",
             "| batch | context | step ms | floor ms | floor / step |", "|---:|---:|---:|---:|---:|"]
     rows += [f"| {r['batch']} | {r['context']} | {r['step_s'] * 1e3:.1f} | "
@@ -112,7 +112,7 @@ def table_kernels(d):
             "| batch | context | op | ms | KV floor ms | floor / ms |",
             "|---:|---:|---|---:|---:|---:|"]
     rows += [f"| {r['batch']} | {r['context']} | `{r['op']}` | {r['ms']:.2f} | "
-             f"{r['floor_ms']:.2f} | {100 * r['floor_ms'] / r['ms']:.0f}% |"
+             f"{r['floor_ms']:.2f} | {100 * r['floor_ms'] / r['ms']:.1f}% |"
              for r in d["rows"] if "context" in r]
     enc = [r for r in d["rows"] if "tokens" in r]
     if enc:
