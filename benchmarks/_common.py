@@ -128,7 +128,8 @@ def bar_plot(path: Path, title: str, panels: dict) -> Path | None:
         labels, values = list(bars), list(bars.values())
         ax.bar(labels, values, color=[f"C{i}" for i in range(len(labels))])
         for i, v in enumerate(values):
-            ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=8)
+            text = f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+            ax.annotate(text, (i, v), ha="center", va="bottom", fontsize=8)
         ax.set_title(panel, fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(axis="y", alpha=0.3)
