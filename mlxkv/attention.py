@@ -15,6 +15,7 @@ reference path.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import mlx.core as mx
 
@@ -53,11 +54,18 @@ def kernel_decode(q, store: KVStore, layer_id: int, tables, seq_lens, scale, win
                                         v_codec=v_codec, **kw)
 
 
-def default_decode_op(backend: str = "auto") -> DecodeOp | None:
-    """`kernel_decode` when backend is "auto" and Metal is available; None (reference) else."""
+def default_decode_op(backend: str = "auto", verbose: bool = False) -> DecodeOp | None:
+    """`kernel_decode` when backend is "auto" and Metal is available; None (reference) else.
+
+    `verbose` makes MLX print each kernel's generated Metal source (MLXKV_KERNEL_VERBOSE=1).
+    """
     if backend not in ("auto", "reference"):
         raise ValueError(f"attention backend must be 'auto' or 'reference', got {backend!r}")
-    return kernel_decode if backend == "auto" and is_metal_available() else None
+    if backend != "auto" or not is_metal_available():
+        return None
+    if verbose:
+        return partial(kernel_decode, executor=partial(run_metal, verbose=True))
+    return kernel_decode
 
 
 def _context(store: KVStore, layer_id: int, table: mx.array):

@@ -55,7 +55,8 @@ class LLMEngine:
         self.cache = cache
         self.config = config
         self.max_model_len = max_model_len
-        self.runner = ModelRunner(model, store, default_decode_op(config.attention))
+        self.runner = ModelRunner(
+            model, store, default_decode_op(config.attention, config.kernel_verbose))
         self.scheduler = Scheduler(config.scheduler, cache)
         self.eos_token_ids = _eos_ids(tokenizer)
         self._detok: dict[str, Detokenizer] = {}
