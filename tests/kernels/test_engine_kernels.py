@@ -175,3 +175,31 @@ def test_smollm2_greedy_text_identical_through_emulated_kernels(smollm2_dir):
         texts.append([o["text"] for o in llm.generate(prompts, params)])
     assert counter.calls["mlxkv_paged_attention"] == 4 * 30  # 4 decode steps x 30 layers
     assert texts[0] == texts[1]
+
+
+def test_engine_installs_kernel_decode_when_metal_is_available(monkeypatch):
+    """The engine's wiring: Metal present -> kernel_decode; MLXKV_ATTENTION=reference -> None."""
+    import mlxkv.attention as attention
+    from mlxkv.config import CacheConfig
+    from mlxkv.engine import LLMEngine
+
+    monkeypatch.setattr(attention, "is_metal_available", lambda: True)
+    model = make_tiny_model("llama", head_dim=64, num_attention_heads=2, num_key_value_heads=1,
+                            hidden_size=128)
+    config = EngineConfig(cache=CacheConfig(block_size=16, num_blocks=8))
+    for env, verbose, expected in (("auto", False, "kernel"), ("auto", True, "verbose"),
+                                   ("reference", False, None)):
+        monkeypatch.setenv("MLXKV_ATTENTION", env)
+        monkeypatch.setenv("MLXKV_KERNEL_VERBOSE", "1" if verbose else "0")
+        cfg = EngineConfig.from_env()
+        cfg = EngineConfig(cache=config.cache, attention=cfg.attention,
+                           kernel_verbose=cfg.kernel_verbose)
+        engine = LLMEngine.from_config(cfg, loaded=(model, None))
+        op = engine.runner.decode_op
+        if expected is None:
+            assert op is None
+        elif expected == "kernel":
+            assert op is kernel_decode
+        else:
+            assert op.func is kernel_decode and op.keywords["executor"].keywords == {
+                "verbose": True}
