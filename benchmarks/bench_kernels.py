@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
 
 
 def _plot(path: Path, rows: list[dict], args) -> None:
-    """ms per op against context, one line per (op, batch); the floor dashed."""
+    """ms per op against context (log-log), one line per (op, batch)."""
     series = {}
     for batch in args.batch:
         for op in dict.fromkeys(r["op"] for r in rows if r.get("batch") == batch):

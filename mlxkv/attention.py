@@ -25,6 +25,7 @@ from mlxkv.kernels import paged_attention_kernel, paged_attention_quant_kernel
 from mlxkv.kernels._source import is_metal_available, run_metal
 from mlxkv.kernels.paged_attention import is_kernel_supported as dense_supported
 from mlxkv.kernels.paged_attention_quant import is_kernel_supported as quant_supported
+from mlxkv.kernels.paged_attention_quant import pool_kv_heads
 from mlxkv.kv_store import KVStore
 
 # (q [B, H, D], store, layer_id, block_tables [B, MB], seq_lens [B], scale, window)
@@ -47,8 +48,7 @@ def kernel_decode(q, store: KVStore, layer_id: int, tables, seq_lens, scale, win
         if not dense_supported(q, k_pool["x"]):
             return None
         return paged_attention_kernel(k_pool=k_pool["x"], v_pool=v_pool["x"], **kw)
-    kv_heads = store.groups[store.group_of_layer(layer_id)].num_kv_heads
-    if not quant_supported(q, k_codec, v_codec, kv_heads):
+    if not quant_supported(q, k_codec, v_codec, pool_kv_heads(k_pool)):
         return None
     return paged_attention_quant_kernel(k_pool=k_pool, v_pool=v_pool, k_codec=k_codec,
                                         v_codec=v_codec, **kw)
@@ -68,7 +68,7 @@ def default_decode_op(backend: str = "auto", verbose: bool = False) -> DecodeOp 
     return kernel_decode
 
 
-def _context(store: KVStore, layer_id: int, table: mx.array):
+def gather_context(store: KVStore, layer_id: int, table: mx.array):
     """Decoded K, V [rows, num_kv_heads, L, head_dim] for block tables [rows, num_blocks]."""
     k, v = store.gather_blocks(layer_id, table)  # [rows, nb, bs, kvh, d]
     rows = table.shape[0]
@@ -96,7 +96,7 @@ def _decode_batch(q, store, layer_id, table, positions, scale, window, memo=None
         out = decode_op(q, store, layer_id, table, positions + 1, scale, window)
         if out is not None:
             return out
-    k, v = _context(store, layer_id, table)
+    k, v = gather_context(store, layer_id, table)
     key = ("decode", k.shape[2], window, id(table))
     mask = None if memo is None else memo.get(key)
     if mask is None:
@@ -109,7 +109,7 @@ def _decode_batch(q, store, layer_id, table, positions, scale, window, memo=None
 
 def _prefill_one(q, store, layer_id, table_row, start, seq_len, scale, window):
     """q [Lq, H, D] of one sequence's chunk (positions start..seq_len-1) -> [Lq, H, D]."""
-    k, v = _context(store, layer_id, table_row[None])
+    k, v = gather_context(store, layer_id, table_row[None])
     k, v = k[:, :, :seq_len], v[:, :, :seq_len]
     q_pos = mx.arange(start, seq_len)
     mask = _mask(q_pos, seq_len, window)
@@ -175,7 +175,7 @@ def _prefill_rows(q, store, layer_id, tables, batch, rows, q_len, start, scale, 
     idx = mx.array([starts[i] + t for i in rows for t in range(q_len)], dtype=mx.int32)
     qs = q[idx].reshape(len(rows), q_len, *q.shape[1:]).transpose(0, 2, 1, 3)
     nb = max(batch.num_blocks_list[group][i] for i in rows)
-    k, v = _context(store, layer_id, tables[mx.array(rows, dtype=mx.int32), :nb])
+    k, v = gather_context(store, layer_id, tables[mx.array(rows, dtype=mx.int32), :nb])
     k, v = k[:, :, : start + q_len], v[:, :, : start + q_len]
     mask = _mask(mx.arange(start, start + q_len), start + q_len, window)
     out = mx.fast.scaled_dot_product_attention(qs, k, v, scale=scale, mask=mask)

@@ -39,6 +39,11 @@ def threadgroup_bytes(gqa: int, head_dim: int, nsg: int, rotated_query: bool = F
     return 4 * floats
 
 
+def fits_threadgroup(gqa: int, head_dim: int) -> bool:
+    """True when one threadgroup's merge buffers fit Metal's 32 KiB."""
+    return threadgroup_bytes(gqa, head_dim, simdgroups_for(gqa, head_dim)) <= TG_LIMIT_BYTES
+
+
 def _spec():
     return make_spec("mlxkv_paged_attention",
                      ("queries", "k_pool", "v_pool", "block_tables", "seq_lens", "params",
@@ -90,7 +95,7 @@ def plan_paged_attention(*, queries, k_pool, v_pool, block_tables, seq_lens, sca
         raise ValueError(f"paged_attention_kernel supports head_dim {SUPPORTED_HEAD_DIMS}")
     splits = num_splits or default_num_splits(MB * BS)
     nsg = simdgroups_for(gqa, D)
-    if threadgroup_bytes(gqa, D, nsg) > TG_LIMIT_BYTES:
+    if not fits_threadgroup(gqa, D):
         raise ValueError(f"GQA {gqa} x head_dim {D} needs more than 32 KiB of threadgroup memory")
     params = mx.array([MB, sliding_window or 0, splits, 0], dtype=mx.int32)
     return KernelLaunch(
@@ -165,7 +170,7 @@ def is_kernel_supported(queries: mx.array, k_pool: mx.array) -> bool:
     gqa = queries.shape[1] // max(1, k_pool.shape[2])
     return (D in SUPPORTED_HEAD_DIMS and k_pool.dtype == queries.dtype
             and queries.dtype in (mx.float32, mx.float16, mx.bfloat16)
-            and threadgroup_bytes(gqa, D, simdgroups_for(gqa, D)) <= TG_LIMIT_BYTES)
+            and fits_threadgroup(gqa, D))
 
 
 def paged_attention(*, queries, k_pool, v_pool, block_tables, seq_lens, scale: float,

@@ -88,7 +88,7 @@ def pool_kv_heads(pool: Pools) -> int:
 
 
 def is_kernel_supported(queries: mx.array, k_codec: KVCodec, v_codec: KVCodec,
-                        num_kv_heads: int = 1) -> bool:
+                        num_kv_heads: int) -> bool:
     """True when the kernel decodes both codecs at this head_dim, dtype and GQA ratio."""
     D = queries.shape[-1]
     return (D in SUPPORTED_HEAD_DIMS and codec_kind(k_codec) is not None
@@ -114,9 +114,7 @@ def plan_paged_attention_quant(*, queries, k_pool: Pools, v_pool: Pools, k_codec
     gqa = check_tables(queries, kvh, block_tables, seq_lens)
     BS, MB = kc[0].shape[1], block_tables.shape[1]
     splits = num_splits or default_num_splits(MB * BS)
-    nsg = simdgroups_for(gqa, D)
-    if not fits_threadgroup(gqa, D):
-        raise ValueError(f"GQA {gqa} x head_dim {D} needs more than 32 KiB of threadgroup memory")
+    nsg = simdgroups_for(gqa, D)  # the support check above guaranteed the fit
     (k_id, k_bits), (v_id, v_bits) = codec_kind(k_codec), codec_kind(v_codec)
     k_signs = kc[3] if kc[3] is not None else mx.ones((D,), dtype=mx.float32)
     params = mx.array([MB, sliding_window or 0, splits, 0], dtype=mx.int32)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from mlxkv.attention import DecodeOp, paged_attention
+from mlxkv.attention import DecodeOp, gather_context, paged_attention
 from mlxkv.inputs import BatchInputs
 from mlxkv.kv_spec import KVGroupSpec, make_group_specs
 from mlxkv.kv_store import KVStore
@@ -57,12 +57,8 @@ class PagedLayerCache:
         return self.batch.block_tables[group][mx.array(seq_of_token, dtype=mx.int32)]
 
     def _gather_rows(self):
-        group = self.store.group_of_layer(self.layer_id)
-        k, v = self.store.gather_blocks(self.layer_id, self._row_tables(group))
-        rows = k.shape[0]  # [T, nb, bs, kvh, D] -> [T, kvh, L, D]
-        k = k.reshape(rows, -1, *k.shape[3:]).transpose(0, 2, 1, 3)
-        v = v.reshape(rows, -1, *v.shape[3:]).transpose(0, 2, 1, 3)
-        return k, v
+        group = self.store.group_of_layer(self.layer_id)  # -> [T, kvh, L, D]
+        return gather_context(self.store, self.layer_id, self._row_tables(group))
 
     def make_mask(self, *args, **kwargs):
         """None on the SDPA path (mlxkv.attention masks by position); a row mask otherwise."""

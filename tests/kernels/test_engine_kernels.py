@@ -8,6 +8,7 @@ would pass a bare comparison).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import mlx.core as mx
@@ -186,14 +187,12 @@ def test_engine_installs_kernel_decode_when_metal_is_available(monkeypatch):
     monkeypatch.setattr(attention, "is_metal_available", lambda: True)
     model = make_tiny_model("llama", head_dim=64, num_attention_heads=2, num_key_value_heads=1,
                             hidden_size=128)
-    config = EngineConfig(cache=CacheConfig(block_size=16, num_blocks=8))
+    cache = CacheConfig(block_size=16, num_blocks=8)
     for env, verbose, expected in (("auto", False, "kernel"), ("auto", True, "verbose"),
                                    ("reference", False, None)):
         monkeypatch.setenv("MLXKV_ATTENTION", env)
         monkeypatch.setenv("MLXKV_KERNEL_VERBOSE", "1" if verbose else "0")
-        cfg = EngineConfig.from_env()
-        cfg = EngineConfig(cache=config.cache, attention=cfg.attention,
-                           kernel_verbose=cfg.kernel_verbose)
+        cfg = replace(EngineConfig.from_env(), cache=cache)
         engine = LLMEngine.from_config(cfg, loaded=(model, None))
         op = engine.runner.decode_op
         if expected is None:
