@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 
@@ -66,6 +66,10 @@ class LLMEngine:
                       "cached_tokens": 0, "steps": 0, "errors": 0}
         self.ttft: deque[float] = deque(maxlen=4096)
         self.itl: deque[float] = deque(maxlen=4096)
+        # Called as sink(request_ids, logits [rows, vocab]) with the fp32 logits each step
+        # samples from, row i belonging to request_ids[i] (forks included). For oracles and
+        # debugging; None in serving.
+        self.logits_sink: Callable[[list[str], mx.array], None] | None = None
 
     @classmethod
     def from_config(cls, config: EngineConfig | None = None, loaded=None) -> LLMEngine:
@@ -175,6 +179,8 @@ class LLMEngine:
         if logit_rows:
             index = mx.array(list(range(len(sample_rows) - len(logit_rows))) + logit_rows)
             logits = logits[index]
+        if self.logits_sink is not None:
+            self.logits_sink([req.request_id for req, _ in rows], logits)
         tokens, logprobs = sample(logits, sample_rows)
         mx.eval(tokens, self.store.arrays(), *([logprobs] if logprobs is not None else []))
         return tokens.tolist(), logprobs, rows
