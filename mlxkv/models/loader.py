@@ -15,8 +15,8 @@ from typing import Any
 
 from mlxkv.config import DEFAULT_MODEL
 from mlxkv.errors import ModelLoadError, ModelNotFoundError
-from mlxkv.models.builtin import BUILTIN_MODELS, ensure_builtin, is_converted, models_dir
-from mlxkv.models.gguf import convert_gguf
+from mlxkv.models.builtin import BUILTIN_MODELS, ensure_builtin, models_dir
+from mlxkv.models.gguf import convert_gguf, is_converted
 
 
 @dataclass

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mlxkv.errors import ModelLoadError
-from mlxkv.models.gguf import _publish, convert_gguf
+from mlxkv.models.gguf import CONVERTER_VERSION, SOURCE_FILE, _publish, convert_gguf
 
 
 def _q8_0(raw: np.ndarray, shape) -> np.ndarray:
@@ -109,6 +109,8 @@ def test_publish_keeps_first_complete_folder(tmp_path):
     for folder, tag in ((first, "first"), (second, "second")):
         folder.mkdir()
         (folder / "config.json").write_text(tag)
+        (folder / "model.safetensors").write_text("")
+        (folder / SOURCE_FILE).write_text(json.dumps({"converter_version": CONVERTER_VERSION}))
     _publish(first, out)
     _publish(second, out)  # lost the race: discarded, the published folder is untouched
     assert (out / "config.json").read_text() == "first"
