@@ -131,6 +131,8 @@ def mlxkv_side(llm, prompts: list[list[int]]) -> dict:
     assert out["blocks_used"] == engine.cache_stats()["blocks_used"], "stray blocks in use"
     for rid in ids:
         engine.abort(rid)
+    while engine.has_unfinished():  # hand out the abort deltas now: the ids are reused
+        engine.step()
     return {**out, **_ttft_summary(ttfts, cached, prompts)}
 
 
