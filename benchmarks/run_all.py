@@ -73,14 +73,24 @@ def table_server(d):
 
 
 def table_shared(d):
-    rows = ["| | KV bytes held | prefill tokens | TTFT leader | TTFT followers (median) |",
-            "|---|---:|---:|---:|---:|"]
-    for label, key in (("mlxkv", "mlxkv"), ("mlx-lm (cache per request)", "mlx_lm")):
+    mib = 2**20
+    rows = ["| | tokens stored | KV bytes stored | overhead | prefill tokens | TTFT leader | "
+            "TTFT followers (median) |", "|---|---:|---:|---|---:|---:|---:|"]
+    sides = (("mlxkv (shared blocks)", "mlxkv"),
+             (f"mlx-lm (`LRUPromptCache`, {d['mlx_lm'].get('entries_held', '?')} entries)",
+              "mlx_lm"))
+    for label, key in sides:
         r = d[key]
-        rows.append(f"| {label} | {r['kv_bytes_held'] / 2**20:.1f} MiB | {r['prefill_tokens']} "
-                    f"| {r['ttft_first_s'] * 1e3:.0f} ms | "
+        over = r["overhead"]
+        if key == "mlxkv":
+            text = (f"{over['block_slack_bytes'] / mib:.1f} MiB tail-block slack; "
+                    f"{over['unused_pool_bytes'] / mib:.0f} MiB unused pool")
+        else:
+            text = f"{over['padded_capacity_bytes'] / mib:.1f} MiB 256-step padding"
+        rows.append(f"| {label} | {r['tokens_stored']} | {r['kv_bytes_stored'] / mib:.1f} MiB "
+                    f"| {text} | {r['prefill_tokens']} | {r['ttft_first_s'] * 1e3:.0f} ms | "
                     f"{r['ttft_followers_median_s'] * 1e3:.0f} ms |")
-    return [_src(d, "shared_prefix.py", "shared_prefix"), "", *rows]
+    return [_src(d, f"shared_prefix.py --model {d['model']}", "shared_prefix"), "", *rows]
 
 
 def table_pvd(d):

@@ -70,9 +70,14 @@ def test_shared_prefix_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "shared_prefix_quick.json").read_text())
     for side in ("mlxkv", "mlx_lm"):
-        assert {"kv_bytes_held", "prefill_tokens", "ttft_first_s",
-                "ttft_followers_median_s"} <= set(data[side])
-    assert len(data["mlxkv"]["cached_tokens"]) == 8
+        r = data[side]
+        assert {"tokens_stored", "kv_bytes_stored", "overhead", "prefill_tokens",
+                "ttft_first_s", "ttft_followers_median_s"} <= set(r)
+        assert r["kv_bytes_stored"] == r["tokens_stored"] * r["bytes_per_token"]
+        assert len(r["cached_tokens"]) == 8
+    assert data["mlxkv"]["bytes_per_token"] == data["mlx_lm"]["bytes_per_token"]
+    # both sides reuse the prefix: followers compute only their own suffix
+    assert data["mlxkv"]["prefill_tokens"] == data["mlx_lm"]["prefill_tokens"] == 64 + 8 * 16
     assert (tmp_path / "shared_prefix_quick.png").stat().st_size > 0
 
 
