@@ -114,12 +114,48 @@ def test_planted_bug_is_caught(old, new):
     assert not max_err(out, paged_attention_ref(**case)) < 1e-3
 
 
-def test_divergent_simd_op_is_an_error():
+@pytest.mark.parametrize("new,message", [
+    # Both halves reach a simd_sum, but at two call sites: on Apple GPUs each half would
+    # reduce only its own 16 lanes, so the emulator must not merge them into one sum.
+    ("if (lane < 16) s = simd_sum(s); else s = simd_sum(s);", "divergent simd ops"),
+    ("if (lane < 16) { s = simd_sum(s); }", "not reached by every lane"),
+])
+def test_divergent_simd_op_is_an_error(new, message):
     case = _attention_case()
-    launch = mutate(plan_paged_attention(**case, num_splits=1), "s = simd_sum(s);",
-                    "if (lane < 16) { s = simd_sum(s); }")
-    with pytest.raises(EmulationError, match="simd"):
+    launch = mutate(plan_paged_attention(**case, num_splits=1), "s = simd_sum(s);", new)
+    with pytest.raises(EmulationError, match=message):
         emulate(launch)
+
+
+def _simd_demo(body):
+    launch = _demo_launch(body, grid=(64, 1, 1), tg=(64, 1, 1))  # two simdgroups
+    launch.output_shapes, launch.output_dtypes = [(64,)], [mx.float32]
+    return launch
+
+
+@pytest.mark.parametrize("op,args", [
+    ("simd_max", ""), ("simd_shuffle_xor", ", ushort(1)"), ("simd_broadcast", ", ushort(0)")])
+def test_divergent_simd_ops_on_one_line_are_an_error(op, args):
+    body = f"""
+    const uint lane = thread_index_in_simdgroup;
+    const float v = float(lane);
+    out[thread_position_in_grid.x] = lane < 16 ? {op}(v{args}) : {op}(-v{args});
+    """
+    with pytest.raises(EmulationError, match=rf"divergent simd ops.*{op}.*{op}"):
+        emulate(_simd_demo(body))
+
+
+def test_distinct_simd_sites_are_fine_when_each_simdgroup_is_uniform():
+    """Call-site keying rejects only divergence inside a simdgroup, not uniform branches."""
+    body = """
+    const float v = float(thread_index_in_simdgroup);
+    float r = 0.0f;
+    if (simdgroup_index_in_threadgroup == 0) { r = simd_max(v); } else { r = simd_sum(v); }
+    if (N > 2) { r += simd_min(v); } else { r += simd_max(v); }
+    out[thread_position_in_grid.x] = r;
+    """
+    out = np.array(emulate(_simd_demo(body))[0])
+    assert (out[:32] == 31).all() and (out[32:] == 496).all()
 
 
 def test_early_return_before_barrier_is_an_error():

@@ -10,6 +10,12 @@ enum State { RUN = 0, AT_BARRIER = 1, AT_SIMD = 2, DONE = 3 };
 enum SimdOp { OP_BARRIER = 0, OP_SUM, OP_MAX, OP_MIN, OP_SHUFFLE, OP_SHUFFLE_XOR,
               OP_SHUFFLE_DOWN, OP_SHUFFLE_UP };
 constexpr int kSimdWidth = 32;
+
+struct Site {  // one textual simd call (msl_emu.h's macros): unique id, line, op name
+  int id;
+  int line;
+  const char* name;
+};
 constexpr size_t kStackBytes = 256 * 1024;
 
 struct Ctx {  // per-thread attribute values, named as Metal's attributes
@@ -25,7 +31,7 @@ struct Fiber {
   ucontext_t uc;
   char* stack;
   int state;
-  int op;
+  Site site;
   unsigned gen;
   alignas(16) unsigned char slot[2][16];
   Ctx ctx;
@@ -64,13 +70,13 @@ inline void barrier_wait() {
 }
 
 template <typename T>
-inline T simd_exchange(T x, int op, int arg) {
+inline T simd_exchange(Site site, int op, T x, int arg = 0) {
   static_assert(sizeof(T) <= 16, "simd value too wide");
   Group* g = group();
   Fiber& f = me();
   int parity = f.gen & 1;
   std::memcpy(f.slot[parity], &x, sizeof(T));
-  f.op = op;
+  f.site = site;
   f.state = AT_SIMD;
   yield_to_scheduler();
   Fiber& self = g->fibers[g->current];
@@ -125,26 +131,34 @@ inline void fiber_entry() {
   swapcontext(&g->fibers[g->current].uc, &g->sched);
 }
 
+inline std::string divergence_message(const Fiber& a, const Fiber& b) {
+  char buf[320];
+  std::snprintf(buf, sizeof(buf),
+                "divergent simd ops: lanes of simdgroup %u wait at different call sites: "
+                "lane %u at %s (line %d), lane %u at %s (line %d)",
+                a.ctx.simdgroup_index_in_threadgroup, a.ctx.thread_index_in_simdgroup,
+                a.site.name, a.site.line, b.ctx.thread_index_in_simdgroup, b.site.name,
+                b.site.line);
+  return buf;
+}
+
+// Resumes every simdgroup whose lanes all wait at one simd call site; false if none did.
 inline bool resolve_simdgroups(Group* g) {
   bool any = false;
   int n = g->fibers.size();
   for (int base = 0; base < n; base += kSimdWidth) {
     int end = std::min(n, base + kSimdWidth);
-    int at_simd = 0, other = 0, op = -1;
-    bool mixed = false;
+    int first = -1, other = 0;
     for (int i = base; i < end; i++) {
       const Fiber& f = g->fibers[i];
-      if (f.state == AT_SIMD) {
-        at_simd++;
-        if (op >= 0 && f.op != op) mixed = true;
-        op = f.op;
-      } else {
-        other++;
+      if (f.state != AT_SIMD) { other++; continue; }
+      if (first < 0) { first = i; continue; }
+      if (f.site.id != g->fibers[first].site.id) {
+        fail(divergence_message(g->fibers[first], f));
+        return false;
       }
     }
-    if (at_simd == 0) continue;
-    if (mixed) { fail("lanes of one simdgroup are blocked on different simd ops"); return false; }
-    if (other) continue;  // wait: other lanes are at a threadgroup barrier or returned
+    if (first < 0 || other) continue;  // wait: other lanes are at a barrier or returned
     for (int i = base; i < end; i++) g->fibers[i].state = RUN;
     any = true;
   }
