@@ -158,6 +158,24 @@ def test_distinct_simd_sites_are_fine_when_each_simdgroup_is_uniform():
     assert (out[:32] == 31).all() and (out[32:] == 496).all()
 
 
+@pytest.mark.parametrize("decls,fits", [
+    ("threadgroup float a[8192];", True),                                  # exactly 32 KiB
+    ("threadgroup float a[4096];\n    threadgroup float b[4097];", False),  # 4 bytes over
+])
+def test_threadgroup_memory_is_metals_32_kib(decls, fits):
+    body = f"""
+    {decls}
+    a[thread_position_in_grid.x] = 1.0f;
+    out[thread_position_in_grid.x] = a[thread_position_in_grid.x];
+    """
+    launch = _simd_demo(body)
+    if fits:
+        assert (np.array(emulate(launch)[0]) == 1).all()
+    else:
+        with pytest.raises(EmulationError, match="32 KiB.*32772 bytes"):
+            emulate(launch)
+
+
 def test_early_return_before_barrier_is_an_error():
     case = _attention_case()
     launch = mutate(plan_paged_attention(**case, num_splits=1),

@@ -85,3 +85,14 @@ def test_threadgroup_memory_limit_declines_instead_of_miscompiling():
         plan_paged_attention(**case)
     small = make_case(seq_lens=[3], num_kv_heads=2, gqa=8, head_dim=256, block_size=16)
     assert is_kernel_supported(small["queries"], small["k_pool"])
+
+
+def test_largest_accepted_gqa_runs_within_the_emulated_32_kib():
+    """The plan's byte count agrees with the emulator's arena (which rejects > 32 KiB)."""
+    from mlxkv.kernels.paged_attention import fits_threadgroup, simdgroups_for, threadgroup_bytes
+
+    gqa = max(g for g in range(1, 64) if fits_threadgroup(g, 256))
+    assert threadgroup_bytes(gqa, 256, simdgroups_for(gqa, 256)) > 30 * 1024
+    case = make_case(seq_lens=[20], num_kv_heads=1, gqa=gqa, head_dim=256, block_size=16)
+    out = paged_attention_kernel(**case, num_splits=1, executor=emulate)
+    assert max_err(out, paged_attention_ref(**case)) < 2e-5

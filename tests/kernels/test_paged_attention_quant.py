@@ -91,3 +91,15 @@ def test_quant_threadgroup_memory_limit():
         plan_paged_attention_quant(**big)
     ok = make_quant_case("e8m4", "e8m3", seq_lens=[3], kvh=2, gqa=8, D=128, BS=16)
     assert is_kernel_supported(ok["queries"], ok["k_codec"], ok["v_codec"], 2)
+
+
+def test_largest_accepted_gqa_runs_within_the_emulated_32_kib():
+    """The plan's byte count agrees with the emulator's arena (which rejects > 32 KiB)."""
+    from mlxkv.kernels.paged_attention import threadgroup_bytes
+    from mlxkv.kernels.paged_attention_quant import fits_threadgroup, simdgroups_for
+
+    gqa = max(g for g in range(1, 64) if fits_threadgroup(g, 256))
+    assert threadgroup_bytes(gqa, 256, simdgroups_for(gqa, 256), rotated_query=True) > 30 * 1024
+    case = make_quant_case("e8m4", "e8m3", seq_lens=[20], kvh=1, gqa=gqa, D=256, BS=16)
+    out = paged_attention_quant_kernel(**case, num_splits=1, executor=emulate)
+    assert max_err(out, paged_attention_quant_ref(**case)) < 5e-5

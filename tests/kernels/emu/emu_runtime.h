@@ -17,6 +17,7 @@ struct Site {  // one textual simd call (msl_emu.h's macros): unique id, line, o
   const char* name;
 };
 constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kThreadgroupBytes = 32 * 1024;  // Metal's maxTotalThreadgroupMemoryLength
 
 struct Ctx {  // per-thread attribute values, named as Metal's attributes
   uint3 thread_position_in_grid, thread_position_in_threadgroup, threadgroup_position_in_grid;
@@ -113,9 +114,12 @@ inline T* tg_alloc(int key) {
   Group* g = group();
   for (auto& kv : g->arena_keys)
     if (kv.first == key) return reinterpret_cast<T*>(g->arena.data() + kv.second);
-  size_t off = (g->arena_used + 15) & ~size_t(15);
+  // Packed at the type's alignment, so the total is the sum of the declared sizes (what the
+  // host-side plans count against Metal's limit).
+  size_t off = (g->arena_used + alignof(T) - 1) & ~size_t(alignof(T) - 1);
   if (off + sizeof(T) > g->arena.size()) {
-    fail("threadgroup memory over the emulator's 64 KiB arena");
+    fail("threadgroup memory over Metal's 32 KiB per threadgroup (" +
+         std::to_string(off + sizeof(T)) + " bytes declared)");
     return reinterpret_cast<T*>(g->arena.data());
   }
   g->arena_used = off + sizeof(T);
@@ -212,7 +216,7 @@ inline int run_grid(const long* grid, const long* tg_in, unsigned seed, void* bo
   Group g;
   g.body = body;
   g.trampoline = trampoline;
-  g.arena.resize(64 * 1024);
+  g.arena.resize(kThreadgroupBytes);
   g.fibers.resize(threads_max);
   for (auto& f : g.fibers) f.stack = static_cast<char*>(std::malloc(kStackBytes));
   group() = &g;

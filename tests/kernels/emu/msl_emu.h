@@ -12,8 +12,9 @@
 //     sites, even of the same op, are a divergence error);
 //   * a threadgroup barrier resolves only when every thread of the group is blocked on it; a
 //     thread that returned while others wait is an error (the kernel is rejected);
-//   * `threadgroup` arrays are allocated per threadgroup from an arena poisoned with 0xFF bytes
-//     (NaN for floats), so reads before writes are visible; buffers handed out by
+//   * `threadgroup` arrays are allocated per threadgroup from a 32 KiB arena (Metal's limit;
+//     more is an error) poisoned with 0xFF bytes (NaN for floats), so reads before writes are
+//     visible; buffers handed out by
 //     mtl_emu_alloc end at a PROT_NONE guard page and SIGSEGV is turned into an error code.
 // Address spaces are erased (not type-checked): see docs/kernels.md for what that means.
 #pragma once
