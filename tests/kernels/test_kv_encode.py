@@ -37,11 +37,11 @@ def _rel_err(codec, packed, x):
     ("e8m2", 64, mx.float32), ("e8m3", 128, mx.float32), ("e8m4", 256, mx.float16),
     ("d4m2", 128, mx.float32), ("d4m3", 64, mx.bfloat16), ("d4m4", 128, mx.float32),
 ])
-def test_kernel_codes_match_codec(name, D, dtype):
+def test_kernel_codes_match_codec(name, D, dtype, emulator):
     codec = get_codec(name, seed=3)
     x = _vectors(24, D, dtype, seed=D)
     ref = codec.encode(x)
-    out = kv_encode_kernel(x=x, codec=codec, executor=emulate)
+    out = kv_encode_kernel(x=x, codec=codec, executor=emulator)
     assert out["codes"].shape == ref["codes"].shape and out["codes"].dtype == mx.uint8
     assert out["scale"].shape == ref["scale"].shape and out["scale"].dtype == mx.float16
     s_ref = np.array(ref["scale"]).astype(np.float32)

@@ -24,12 +24,12 @@ GRID = [
 
 
 @pytest.mark.parametrize("dtype,D,BS,KVH,G,lens,window,splits", GRID)
-def test_kernel_matches_reference(dtype, D, BS, KVH, G, lens, window, splits):
+def test_kernel_matches_reference(dtype, D, BS, KVH, G, lens, window, splits, emulator):
     case = make_case(seq_lens=lens, num_kv_heads=KVH, gqa=G, head_dim=D, block_size=BS,
                      dtype=dtype, seed=D + BS + G)
     ref = paged_attention_ref(**case, sliding_window=window)
     out = paged_attention_kernel(**case, sliding_window=window, num_splits=splits,
-                                 executor=emulate)
+                                 executor=emulator)
     assert out.shape == ref.shape and out.dtype == dtype
     assert max_err(out, ref) < TOL[dtype]
 

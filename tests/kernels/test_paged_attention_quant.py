@@ -43,12 +43,12 @@ TOL = {mx.float32: 5e-5, mx.float16: 3e-3, mx.bfloat16: 3e-2}
 
 @pytest.mark.parametrize("kc,vc,dtype,D,BS,KVH,G,lens,window,splits", GRID)
 def test_quant_kernel_matches_decode_plus_reference(kc, vc, dtype, D, BS, KVH, G, lens, window,
-                                                    splits):
+                                                    splits, emulator):
     case = make_quant_case(kc, vc, seq_lens=lens, kvh=KVH, gqa=G, D=D, BS=BS, dtype=dtype,
                            seed=D + G)
     ref = paged_attention_quant_ref(**case, sliding_window=window)
     out = paged_attention_quant_kernel(**case, sliding_window=window, num_splits=splits,
-                                       executor=emulate)
+                                       executor=emulator)
     assert out.shape == ref.shape and out.dtype == dtype
     scale = max(1.0, float(mx.max(mx.abs(ref.astype(mx.float32)))))
     assert max_err(out, ref) < TOL[dtype] * scale
