@@ -28,3 +28,23 @@ SCHEDULE_SEEDS = (0, 1, 2)
 def emulator(request):
     """`emulate` under each scheduling seed (an executor for the `*_kernel` functions)."""
     return partial(emulate, seed=request.param)
+
+
+@pytest.fixture
+def metal_via_emulator(monkeypatch):
+    """`route(module, kernel_fn)`: the module's dispatcher sees a Metal device, and its
+    `kernel_fn` runs its launches on the emulator. Returns the list of kernel names run."""
+
+    def route(module, kernel_fn: str) -> list[str]:
+        launches: list[str] = []
+
+        def executor(launch):
+            launches.append(launch.spec.name)
+            return emulate(launch)
+
+        monkeypatch.setattr(module, "is_metal_available", lambda: True)
+        monkeypatch.setattr(module, kernel_fn,
+                            partial(getattr(module, kernel_fn), executor=executor))
+        return launches
+
+    return route

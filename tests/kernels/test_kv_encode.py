@@ -12,6 +12,8 @@ that is for an on-device check, not this one.)
 
 from __future__ import annotations
 
+import importlib
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -74,8 +76,16 @@ def test_kv_write_scatters_into_slots():
     assert not np.any(np.array(flat[mx.array(untouched)]))
 
 
-def test_dispatcher_is_the_codec_on_cpu():
-    codec = get_codec("e8m4", seed=0)
+def test_dispatcher_runs_the_kernel_on_metal_else_the_codec(metal_via_emulator, monkeypatch):
+    # by name: mlxkv.kernels re-exports a function of the same name
+    module = importlib.import_module("mlxkv.kernels.kv_encode")
+    launches = metal_via_emulator(module, "kv_encode_kernel")
     x = _vectors(4, 128)
-    out, ref = kv_encode(x=x, codec=codec), codec.encode(x)
-    assert np.array_equal(np.array(out["codes"]), np.array(ref["codes"]))
+    for name, num_launches in (("e8m4", 1), ("int8", 1)):  # int8: no kernel, mx.quantize
+        codec = get_codec(name, seed=0)
+        out, ref = kv_encode(x=x, codec=codec), codec.encode(x)
+        assert len(launches) == num_launches
+        assert all(np.array_equal(np.array(out[k]), np.array(ref[k])) for k in ref)
+    monkeypatch.setattr(module, "is_metal_available", lambda: False)
+    kv_encode(x=x, codec=get_codec("e8m4", seed=0))
+    assert launches == ["mlxkv_kv_encode"]

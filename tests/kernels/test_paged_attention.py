@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import mlx.core as mx
 import pytest
 from _data import TOL, make_case, max_err
@@ -60,9 +62,20 @@ def test_reference_matches_dense_sdpa():
     assert max_err(ref, dense[:, :, 0]) < 1e-5
 
 
-def test_dispatcher_falls_back_on_cpu():
+def test_dispatcher_runs_the_kernel_on_metal_else_the_reference(metal_via_emulator,
+                                                                 monkeypatch):
+    # by name: mlxkv.kernels re-exports a function of the same name
+    module = importlib.import_module("mlxkv.kernels.paged_attention")
     case = make_case(seq_lens=[5, 12], num_kv_heads=1, gqa=2, head_dim=64, block_size=16)
+    launches = metal_via_emulator(module, "paged_attention_kernel")
+    out = paged_attention(**case, num_splits=2)
+    assert launches == ["mlxkv_paged_attention", "mlxkv_paged_attention_combine"]
+    assert max_err(out, paged_attention_ref(**case)) < 2e-5
+    odd = make_case(seq_lens=[5], num_kv_heads=1, gqa=2, head_dim=96, block_size=16)
+    assert max_err(paged_attention(**odd), paged_attention_ref(**odd)) == 0.0  # head_dim 96
+    monkeypatch.setattr(module, "is_metal_available", lambda: False)
     assert max_err(paged_attention(**case), paged_attention_ref(**case)) == 0.0
+    assert len(launches) == 2
 
 
 def test_bad_inputs_raise():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import mlx.core as mx
 import pytest
 from _data import make_case, max_err
@@ -54,9 +56,20 @@ def test_quant_kernel_matches_decode_plus_reference(kc, vc, dtype, D, BS, KVH, G
     assert max_err(out, ref) < TOL[dtype] * scale
 
 
-def test_dispatcher_falls_back_on_cpu_and_for_lloyd():
+def test_dispatcher_runs_the_kernel_on_metal_else_the_reference(metal_via_emulator,
+                                                                 monkeypatch):
+    # by name: mlxkv.kernels re-exports a function of the same name
+    module = importlib.import_module("mlxkv.kernels.paged_attention_quant")
     case = make_quant_case("e8m4", "e8m3", seq_lens=[9], kvh=1, gqa=2, D=64, BS=16)
+    launches = metal_via_emulator(module, "paged_attention_quant_kernel")
+    out = paged_attention_quant(**case, num_splits=1)
+    assert launches == ["mlxkv_paged_attention_quant", "mlxkv_paged_attention_combine"]
+    assert max_err(out, paged_attention_quant_ref(**case)) < 5e-5
+    lloyd = make_quant_case("lloydm4", "e8m3", seq_lens=[9], kvh=1, gqa=2, D=64, BS=16)
+    assert max_err(paged_attention_quant(**lloyd), paged_attention_quant_ref(**lloyd)) == 0.0
+    monkeypatch.setattr(module, "is_metal_available", lambda: False)
     assert max_err(paged_attention_quant(**case), paged_attention_quant_ref(**case)) == 0.0
+    assert len(launches) == 2
 
 
 @pytest.mark.parametrize("old,new", [
