@@ -178,9 +178,14 @@ def _launcher(launch: KernelLaunch) -> str:
     )
 
 
+def cpp_source(launch: KernelLaunch) -> str:
+    """The C++ translation unit g++ compiles for `launch` (emulator line numbers refer to it)."""
+    return '#include "msl_emu.h"\n' + to_cpp(make_kernel_source(launch)) + _launcher(launch)
+
+
 def build(launch: KernelLaunch) -> ctypes.CDLL:
     """Compile (or reuse) the .so of this exact generated source."""
-    cpp = '#include "msl_emu.h"\n' + to_cpp(make_kernel_source(launch)) + _launcher(launch)
+    cpp = cpp_source(launch)
     emu_header = "".join(p.read_text() for p in sorted(EMU_DIR.glob("*.h")))
     key = hashlib.sha256((cpp + emu_header + " ".join(CXX_FLAGS)).encode()).hexdigest()[:20]
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
@@ -261,13 +266,25 @@ def emulate(launch: KernelLaunch, seed: int = 0) -> list[mx.array]:
                                 (ctypes.c_long * 3)(*launch.grid),
                                 (ctypes.c_long * 3)(*launch.threadgroup), seed, err, 512)
         if rc:
-            raise EmulationError(f"{launch.spec.name}: {err.value.decode()}")
+            message = _quote_lines(err.value.decode(), cpp_source(launch))
+            raise EmulationError(f"{launch.spec.name}: {message}")
         for out, ptr in zip(outs, bufs[len(host):], strict=True):
             ctypes.memmove(out.ctypes.data, ptr, out.nbytes)
     finally:
         for base, total in regions:
             lib.mtl_emu_free(base, total)
     return [_from_numpy(o, d) for o, d in zip(outs, launch.output_dtypes, strict=True)]
+
+
+def _quote_lines(message: str, cpp: str) -> str:
+    """`line N` in an emulator message -> `line N: <that line of the generated source>`."""
+    lines = cpp.splitlines()
+
+    def quote(m: re.Match) -> str:
+        n = int(m.group(1))
+        return f"line {n}: `{lines[n - 1].strip()}`" if 0 < n <= len(lines) else m.group(0)
+
+    return re.sub(r"line (\d+)", quote, message)
 
 
 def _strides(shape: tuple[int, ...]) -> list[int]:

@@ -13,7 +13,9 @@ import pytest
 from _data import make_case, max_err
 from harness import EmulationError, emulate, kernel_name, make_kernel_source, mutate
 
+from mlxkv.codec import get_codec
 from mlxkv.kernels._source import KernelLaunch, KernelSpec
+from mlxkv.kernels.kv_encode import plan_kv_encode
 from mlxkv.kernels.paged_attention import (
     paged_attention_kernel,
     paged_attention_ref,
@@ -23,6 +25,7 @@ from mlxkv.kernels.paged_attention_combine import (
     paged_attention_combine_ref,
     plan_paged_attention_combine,
 )
+from mlxkv.kernels.paged_attention_quant import plan_paged_attention_quant
 
 DEMO_BODY = "out[thread_position_in_grid.x] = T(x[0] * s + idx[0] + x_shape[0] + N + F);"
 
@@ -114,12 +117,66 @@ def test_planted_bug_is_caught(old, new):
     assert not max_err(out, paged_attention_ref(**case)) < 1e-3
 
 
-def test_divergent_simd_op_is_an_error():
+@pytest.mark.parametrize("new,message", [
+    # Both halves reach a simd_sum, but at two call sites: on Apple GPUs each half would
+    # reduce only its own 16 lanes, so the emulator must not merge them into one sum.
+    ("if (lane < 16) s = simd_sum(s); else s = simd_sum(s);", "divergent simd ops"),
+    ("if (lane < 16) { s = simd_sum(s); }", "not reached by every lane"),
+])
+def test_divergent_simd_op_is_an_error(new, message):
     case = _attention_case()
-    launch = mutate(plan_paged_attention(**case, num_splits=1), "s = simd_sum(s);",
-                    "if (lane < 16) { s = simd_sum(s); }")
-    with pytest.raises(EmulationError, match="simd"):
+    launch = mutate(plan_paged_attention(**case, num_splits=1), "s = simd_sum(s);", new)
+    with pytest.raises(EmulationError, match=message):
         emulate(launch)
+
+
+def _simd_demo(body):
+    launch = _demo_launch(body, grid=(64, 1, 1), tg=(64, 1, 1))  # two simdgroups
+    launch.output_shapes, launch.output_dtypes = [(64,)], [mx.float32]
+    return launch
+
+
+@pytest.mark.parametrize("op,args", [
+    ("simd_max", ""), ("simd_shuffle_xor", ", ushort(1)"), ("simd_broadcast", ", ushort(0)")])
+def test_divergent_simd_ops_on_one_line_are_an_error(op, args):
+    body = f"""
+    const uint lane = thread_index_in_simdgroup;
+    const float v = float(lane);
+    out[thread_position_in_grid.x] = lane < 16 ? {op}(v{args}) : {op}(-v{args});
+    """
+    with pytest.raises(EmulationError, match=rf"divergent simd ops.*{op}.*{op}"):
+        emulate(_simd_demo(body))
+
+
+def test_distinct_simd_sites_are_fine_when_each_simdgroup_is_uniform():
+    """Call-site keying rejects only divergence inside a simdgroup, not uniform branches."""
+    body = """
+    const float v = float(thread_index_in_simdgroup);
+    float r = 0.0f;
+    if (simdgroup_index_in_threadgroup == 0) { r = simd_max(v); } else { r = simd_sum(v); }
+    if (N > 2) { r += simd_min(v); } else { r += simd_max(v); }
+    out[thread_position_in_grid.x] = r;
+    """
+    out = np.array(emulate(_simd_demo(body))[0])
+    assert (out[:32] == 31).all() and (out[32:] == 496).all()
+
+
+@pytest.mark.parametrize("decls,fits", [
+    ("threadgroup float a[8192];", True),                                  # exactly 32 KiB
+    ("threadgroup float a[4096];\n    threadgroup float b[4097];", False),  # 4 bytes over
+])
+def test_threadgroup_memory_is_metals_32_kib(decls, fits):
+    body = f"""
+    {decls}
+    a[thread_position_in_grid.x] = 1.0f;
+    out[thread_position_in_grid.x] = a[thread_position_in_grid.x];
+    """
+    launch = _simd_demo(body)
+    if fits:
+        assert (np.array(emulate(launch)[0]) == 1).all()
+    else:
+        with pytest.raises(EmulationError, match="32 KiB.*32772 bytes"):
+            emulate(launch)
 
 
 def test_early_return_before_barrier_is_an_error():
@@ -169,3 +226,47 @@ def test_split_path_uses_the_combine_kernel():
     out = paged_attention_kernel(**case, num_splits=3, executor=spy)
     assert calls == ["mlxkv_paged_attention", "mlxkv_paged_attention_combine"]
     assert max_err(out, paged_attention_ref(**case)) < 2e-5
+
+
+def _quant_plan():
+    from test_paged_attention_quant import make_quant_case
+
+    case = make_quant_case("e8m4", "int4", seq_lens=[37, 5], kvh=2, gqa=3, D=128, BS=16)
+    return plan_paged_attention_quant(**case, num_splits=2)[0]
+
+
+def _combine_plan():
+    rng = np.random.default_rng(1)
+    o_part = mx.array(rng.standard_normal((2, 3, 4, 128)).astype(np.float32))
+    lse = mx.array(rng.standard_normal((2, 3, 4)).astype(np.float32))
+    signs = mx.array(rng.choice([-1.0, 1.0], 128).astype(np.float32))
+    return plan_paged_attention_combine(o_part=o_part, lse_part=lse, dtype=mx.float32,
+                                        signs=signs)
+
+
+def _encode_plan():
+    x = mx.array(np.random.default_rng(2).standard_normal((6, 128)), mx.float32)
+    return plan_kv_encode(x=x, codec=get_codec("d4m3", seed=0))
+
+
+def _is_schedule_independent(launch, num_seeds=6) -> bool:
+    runs = [[np.array(o) for o in emulate(launch, seed=seed)] for seed in range(num_seeds)]
+    return all(np.array_equal(a, b, equal_nan=True)
+               for run in runs[1:] for a, b in zip(runs[0], run, strict=True))
+
+
+@pytest.mark.parametrize("make_plan", [
+    lambda: plan_paged_attention(**_attention_case(), num_splits=2),
+    _quant_plan, _combine_plan, _encode_plan,
+], ids=["attention", "quant", "combine", "encode"])
+def test_outputs_do_not_depend_on_the_thread_schedule(make_plan):
+    """Every kernel is bit-for-bit the same under any interleaving (no data race)."""
+    assert _is_schedule_independent(make_plan())
+
+
+def test_missing_barrier_makes_outputs_schedule_dependent():
+    """Planted race: without the barrier after the RMS partials, which partials a thread
+    sees (written, or still poisoned) depends on the interleaving, i.e. on the seed."""
+    bad = mutate(_encode_plan(), "}\nthreadgroup_barrier(mem_flags::mem_threadgroup);\ny[d] = yd;",
+                 "}\ny[d] = yd;")
+    assert not _is_schedule_independent(bad)

@@ -1,12 +1,18 @@
 """kv_encode_kernel (emulated) vs LatticeCodec.encode: codes, scales, and the write path.
 
-Rotation by butterflies and the RMS in a different summation order are not bit-identical
-to the codec's matmul/mean, so a code may differ where two lattice points are (nearly)
-equidistant. The tests demand >= 99% identical codes, fp16 scales within one ulp, and for
-every differing vector a reconstruction no worse than the codec's (plus rounding noise).
+Codes and scales must be bit-identical, although the float32 arithmetic is not: the codec
+rotates with a matmul (x @ R.T), the kernel with butterflies and one multiply by
+1/sqrt(D), and the RMS sums in another order, so 80-90% of rotated coordinates differ in
+their last bits. A code can differ only where a coordinate lies within that rounding noise
+of a lattice decision boundary (or an RMS within it of an fp16 rounding boundary); none of
+these seeded vectors does (0 of 7,200 differ at 600 vectors per case, measured), so any
+difference here is a kernel bug. (On a GPU, simd_sum order and rsqrt precision differ again;
+that is for an on-device check, not this one.)
 """
 
 from __future__ import annotations
+
+import importlib
 
 import mlx.core as mx
 import numpy as np
@@ -26,32 +32,20 @@ def _vectors(n, d, dtype=mx.float32, seed=0):
     return mx.array(x).astype(dtype)
 
 
-def _rel_err(codec, packed, x):
-    dec = codec.decode(packed, mx.float32)
-    x32 = x.astype(mx.float32)
-    num = mx.sum((dec - x32) ** 2, axis=-1)
-    return np.array(num / mx.maximum(mx.sum(x32 * x32, axis=-1), 1e-30))
-
-
 @pytest.mark.parametrize("name,D,dtype", [
     ("e8m2", 64, mx.float32), ("e8m3", 128, mx.float32), ("e8m4", 256, mx.float16),
     ("d4m2", 128, mx.float32), ("d4m3", 64, mx.bfloat16), ("d4m4", 128, mx.float32),
 ])
-def test_kernel_codes_match_codec(name, D, dtype):
+def test_kernel_codes_match_codec(name, D, dtype, emulator):
     codec = get_codec(name, seed=3)
     x = _vectors(24, D, dtype, seed=D)
     ref = codec.encode(x)
-    out = kv_encode_kernel(x=x, codec=codec, executor=emulate)
+    out = kv_encode_kernel(x=x, codec=codec, executor=emulator)
     assert out["codes"].shape == ref["codes"].shape and out["codes"].dtype == mx.uint8
     assert out["scale"].shape == ref["scale"].shape and out["scale"].dtype == mx.float16
-    s_ref = np.array(ref["scale"]).astype(np.float32)
-    s_out = np.array(out["scale"]).astype(np.float32)
-    assert np.all(np.abs(s_out - s_ref) <= np.abs(s_ref) * 2**-10 + 1e-30)
-    same = np.all(np.array(out["codes"]) == np.array(ref["codes"]), axis=-1)
-    assert same.mean() >= 0.99 or same.sum() >= same.size - 1
-    assert np.all(s_out[0] == 0)  # zero vector: scale 0 (decodes to 0 whatever the code)
-    err_out, err_ref = _rel_err(codec, out, x), _rel_err(codec, ref, x)
-    assert np.all(err_out[~same] <= err_ref[~same] * 1.001 + 1e-6)
+    assert np.array_equal(np.array(out["scale"]), np.array(ref["scale"]))
+    assert np.array_equal(np.array(out["codes"]), np.array(ref["codes"]))
+    assert not np.any(np.array(out["scale"])[0])  # the zero vector: scale 0
 
 
 def test_planted_encode_bug_is_caught():
@@ -82,8 +76,16 @@ def test_kv_write_scatters_into_slots():
     assert not np.any(np.array(flat[mx.array(untouched)]))
 
 
-def test_dispatcher_is_the_codec_on_cpu():
-    codec = get_codec("e8m4", seed=0)
+def test_dispatcher_runs_the_kernel_on_metal_else_the_codec(metal_via_emulator, monkeypatch):
+    # by name: mlxkv.kernels re-exports a function of the same name
+    module = importlib.import_module("mlxkv.kernels.kv_encode")
+    launches = metal_via_emulator(module, "kv_encode_kernel")
     x = _vectors(4, 128)
-    out, ref = kv_encode(x=x, codec=codec), codec.encode(x)
-    assert np.array_equal(np.array(out["codes"]), np.array(ref["codes"]))
+    for name, num_launches in (("e8m4", 1), ("int8", 1)):  # int8: no kernel, mx.quantize
+        codec = get_codec(name, seed=0)
+        out, ref = kv_encode(x=x, codec=codec), codec.encode(x)
+        assert len(launches) == num_launches
+        assert all(np.array_equal(np.array(out[k]), np.array(ref[k])) for k in ref)
+    monkeypatch.setattr(module, "is_metal_available", lambda: False)
+    kv_encode(x=x, codec=get_codec("e8m4", seed=0))
+    assert launches == ["mlxkv_kv_encode"]

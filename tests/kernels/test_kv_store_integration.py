@@ -6,7 +6,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from _data import max_err
-from harness import emulate
 
 from mlxkv.codec import get_codec
 from mlxkv.kernels import paged_attention_kernel, paged_attention_quant_kernel
@@ -15,7 +14,7 @@ from mlxkv.kv_store import KVStore
 
 
 @pytest.mark.parametrize("codecs", [None, ("int8", "int4"), ("e8m4", "e8m3"), ("d4m3", "d4m2")])
-def test_kernel_on_written_store_matches_dense_attention(codecs):
+def test_kernel_on_written_store_matches_dense_attention(codecs, emulator):
     D, KVH, G, BS = 64, 2, 3, 16
     pair = None if codecs is None else {0: (get_codec(codecs[0], 0), get_codec(codecs[1], 1))}
     store = KVStore([KVGroupSpec((0,), KVH, D)], [8], BS, mx.float32, pair)
@@ -30,7 +29,7 @@ def test_kernel_on_written_store_matches_dense_attention(codecs):
         store.write(0, slots, k, v)
     q = mx.array(rng.standard_normal((2, KVH * G, D)).astype(np.float32))
     args = dict(queries=q, block_tables=mx.array(tables), seq_lens=mx.array(lens, mx.int32),
-                scale=D**-0.5, num_splits=2, executor=emulate)
+                scale=D**-0.5, num_splits=2, executor=emulator)
     if codecs is None:
         out = paged_attention_kernel(k_pool=store.k_pool(0)["x"], v_pool=store.v_pool(0)["x"],
                                      **args)

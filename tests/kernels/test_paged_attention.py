@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import mlx.core as mx
 import pytest
 from _data import TOL, make_case, max_err
@@ -24,12 +26,12 @@ GRID = [
 
 
 @pytest.mark.parametrize("dtype,D,BS,KVH,G,lens,window,splits", GRID)
-def test_kernel_matches_reference(dtype, D, BS, KVH, G, lens, window, splits):
+def test_kernel_matches_reference(dtype, D, BS, KVH, G, lens, window, splits, emulator):
     case = make_case(seq_lens=lens, num_kv_heads=KVH, gqa=G, head_dim=D, block_size=BS,
                      dtype=dtype, seed=D + BS + G)
     ref = paged_attention_ref(**case, sliding_window=window)
     out = paged_attention_kernel(**case, sliding_window=window, num_splits=splits,
-                                 executor=emulate)
+                                 executor=emulator)
     assert out.shape == ref.shape and out.dtype == dtype
     assert max_err(out, ref) < TOL[dtype]
 
@@ -60,9 +62,20 @@ def test_reference_matches_dense_sdpa():
     assert max_err(ref, dense[:, :, 0]) < 1e-5
 
 
-def test_dispatcher_falls_back_on_cpu():
+def test_dispatcher_runs_the_kernel_on_metal_else_the_reference(metal_via_emulator,
+                                                                 monkeypatch):
+    # by name: mlxkv.kernels re-exports a function of the same name
+    module = importlib.import_module("mlxkv.kernels.paged_attention")
     case = make_case(seq_lens=[5, 12], num_kv_heads=1, gqa=2, head_dim=64, block_size=16)
+    launches = metal_via_emulator(module, "paged_attention_kernel")
+    out = paged_attention(**case, num_splits=2)
+    assert launches == ["mlxkv_paged_attention", "mlxkv_paged_attention_combine"]
+    assert max_err(out, paged_attention_ref(**case)) < 2e-5
+    odd = make_case(seq_lens=[5], num_kv_heads=1, gqa=2, head_dim=96, block_size=16)
+    assert max_err(paged_attention(**odd), paged_attention_ref(**odd)) == 0.0  # head_dim 96
+    monkeypatch.setattr(module, "is_metal_available", lambda: False)
     assert max_err(paged_attention(**case), paged_attention_ref(**case)) == 0.0
+    assert len(launches) == 2
 
 
 def test_bad_inputs_raise():
@@ -85,3 +98,14 @@ def test_threadgroup_memory_limit_declines_instead_of_miscompiling():
         plan_paged_attention(**case)
     small = make_case(seq_lens=[3], num_kv_heads=2, gqa=8, head_dim=256, block_size=16)
     assert is_kernel_supported(small["queries"], small["k_pool"])
+
+
+def test_largest_accepted_gqa_runs_within_the_emulated_32_kib():
+    """The plan's byte count agrees with the emulator's arena (which rejects > 32 KiB)."""
+    from mlxkv.kernels.paged_attention import fits_threadgroup, simdgroups_for, threadgroup_bytes
+
+    gqa = max(g for g in range(1, 64) if fits_threadgroup(g, 256))
+    assert threadgroup_bytes(gqa, 256, simdgroups_for(gqa, 256)) > 30 * 1024
+    case = make_case(seq_lens=[20], num_kv_heads=1, gqa=gqa, head_dim=256, block_size=16)
+    out = paged_attention_kernel(**case, num_splits=1, executor=emulate)
+    assert max_err(out, paged_attention_ref(**case)) < 2e-5

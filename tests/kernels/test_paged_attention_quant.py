@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import mlx.core as mx
 import pytest
 from _data import make_case, max_err
@@ -43,20 +45,31 @@ TOL = {mx.float32: 5e-5, mx.float16: 3e-3, mx.bfloat16: 3e-2}
 
 @pytest.mark.parametrize("kc,vc,dtype,D,BS,KVH,G,lens,window,splits", GRID)
 def test_quant_kernel_matches_decode_plus_reference(kc, vc, dtype, D, BS, KVH, G, lens, window,
-                                                    splits):
+                                                    splits, emulator):
     case = make_quant_case(kc, vc, seq_lens=lens, kvh=KVH, gqa=G, D=D, BS=BS, dtype=dtype,
                            seed=D + G)
     ref = paged_attention_quant_ref(**case, sliding_window=window)
     out = paged_attention_quant_kernel(**case, sliding_window=window, num_splits=splits,
-                                       executor=emulate)
+                                       executor=emulator)
     assert out.shape == ref.shape and out.dtype == dtype
     scale = max(1.0, float(mx.max(mx.abs(ref.astype(mx.float32)))))
     assert max_err(out, ref) < TOL[dtype] * scale
 
 
-def test_dispatcher_falls_back_on_cpu_and_for_lloyd():
+def test_dispatcher_runs_the_kernel_on_metal_else_the_reference(metal_via_emulator,
+                                                                 monkeypatch):
+    # by name: mlxkv.kernels re-exports a function of the same name
+    module = importlib.import_module("mlxkv.kernels.paged_attention_quant")
     case = make_quant_case("e8m4", "e8m3", seq_lens=[9], kvh=1, gqa=2, D=64, BS=16)
+    launches = metal_via_emulator(module, "paged_attention_quant_kernel")
+    out = paged_attention_quant(**case, num_splits=1)
+    assert launches == ["mlxkv_paged_attention_quant", "mlxkv_paged_attention_combine"]
+    assert max_err(out, paged_attention_quant_ref(**case)) < 5e-5
+    lloyd = make_quant_case("lloydm4", "e8m3", seq_lens=[9], kvh=1, gqa=2, D=64, BS=16)
+    assert max_err(paged_attention_quant(**lloyd), paged_attention_quant_ref(**lloyd)) == 0.0
+    monkeypatch.setattr(module, "is_metal_available", lambda: False)
     assert max_err(paged_attention_quant(**case), paged_attention_quant_ref(**case)) == 0.0
+    assert len(launches) == 2
 
 
 @pytest.mark.parametrize("old,new", [
@@ -91,3 +104,15 @@ def test_quant_threadgroup_memory_limit():
         plan_paged_attention_quant(**big)
     ok = make_quant_case("e8m4", "e8m3", seq_lens=[3], kvh=2, gqa=8, D=128, BS=16)
     assert is_kernel_supported(ok["queries"], ok["k_codec"], ok["v_codec"], 2)
+
+
+def test_largest_accepted_gqa_runs_within_the_emulated_32_kib():
+    """The plan's byte count agrees with the emulator's arena (which rejects > 32 KiB)."""
+    from mlxkv.kernels.paged_attention import threadgroup_bytes
+    from mlxkv.kernels.paged_attention_quant import fits_threadgroup, simdgroups_for
+
+    gqa = max(g for g in range(1, 64) if fits_threadgroup(g, 256))
+    assert threadgroup_bytes(gqa, 256, simdgroups_for(gqa, 256), rotated_query=True) > 30 * 1024
+    case = make_quant_case("e8m4", "e8m3", seq_lens=[20], kvh=1, gqa=gqa, D=256, BS=16)
+    out = paged_attention_quant_kernel(**case, num_splits=1, executor=emulate)
+    assert max_err(out, paged_attention_quant_ref(**case)) < 5e-5

@@ -10,7 +10,14 @@ enum State { RUN = 0, AT_BARRIER = 1, AT_SIMD = 2, DONE = 3 };
 enum SimdOp { OP_BARRIER = 0, OP_SUM, OP_MAX, OP_MIN, OP_SHUFFLE, OP_SHUFFLE_XOR,
               OP_SHUFFLE_DOWN, OP_SHUFFLE_UP };
 constexpr int kSimdWidth = 32;
+
+struct Site {  // one textual simd call (msl_emu.h's macros): unique id, line, op name
+  int id;
+  int line;
+  const char* name;
+};
 constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kThreadgroupBytes = 32 * 1024;  // Metal's maxTotalThreadgroupMemoryLength
 
 struct Ctx {  // per-thread attribute values, named as Metal's attributes
   uint3 thread_position_in_grid, thread_position_in_threadgroup, threadgroup_position_in_grid;
@@ -25,7 +32,7 @@ struct Fiber {
   ucontext_t uc;
   char* stack;
   int state;
-  int op;
+  Site site;
   unsigned gen;
   alignas(16) unsigned char slot[2][16];
   Ctx ctx;
@@ -64,13 +71,13 @@ inline void barrier_wait() {
 }
 
 template <typename T>
-inline T simd_exchange(T x, int op, int arg) {
+inline T simd_exchange(Site site, int op, T x, int arg = 0) {
   static_assert(sizeof(T) <= 16, "simd value too wide");
   Group* g = group();
   Fiber& f = me();
   int parity = f.gen & 1;
   std::memcpy(f.slot[parity], &x, sizeof(T));
-  f.op = op;
+  f.site = site;
   f.state = AT_SIMD;
   yield_to_scheduler();
   Fiber& self = g->fibers[g->current];
@@ -107,9 +114,12 @@ inline T* tg_alloc(int key) {
   Group* g = group();
   for (auto& kv : g->arena_keys)
     if (kv.first == key) return reinterpret_cast<T*>(g->arena.data() + kv.second);
-  size_t off = (g->arena_used + 15) & ~size_t(15);
+  // Packed at the type's alignment, so the total is the sum of the declared sizes (what the
+  // host-side plans count against Metal's limit).
+  size_t off = (g->arena_used + alignof(T) - 1) & ~size_t(alignof(T) - 1);
   if (off + sizeof(T) > g->arena.size()) {
-    fail("threadgroup memory over the emulator's 64 KiB arena");
+    fail("threadgroup memory over Metal's 32 KiB per threadgroup (" +
+         std::to_string(off + sizeof(T)) + " bytes declared)");
     return reinterpret_cast<T*>(g->arena.data());
   }
   g->arena_used = off + sizeof(T);
@@ -125,26 +135,34 @@ inline void fiber_entry() {
   swapcontext(&g->fibers[g->current].uc, &g->sched);
 }
 
+inline std::string divergence_message(const Fiber& a, const Fiber& b) {
+  char buf[320];
+  std::snprintf(buf, sizeof(buf),
+                "divergent simd ops: lanes of simdgroup %u wait at different call sites: "
+                "lane %u at %s (line %d), lane %u at %s (line %d)",
+                a.ctx.simdgroup_index_in_threadgroup, a.ctx.thread_index_in_simdgroup,
+                a.site.name, a.site.line, b.ctx.thread_index_in_simdgroup, b.site.name,
+                b.site.line);
+  return buf;
+}
+
+// Resumes every simdgroup whose lanes all wait at one simd call site; false if none did.
 inline bool resolve_simdgroups(Group* g) {
   bool any = false;
   int n = g->fibers.size();
   for (int base = 0; base < n; base += kSimdWidth) {
     int end = std::min(n, base + kSimdWidth);
-    int at_simd = 0, other = 0, op = -1;
-    bool mixed = false;
+    int first = -1, other = 0;
     for (int i = base; i < end; i++) {
       const Fiber& f = g->fibers[i];
-      if (f.state == AT_SIMD) {
-        at_simd++;
-        if (op >= 0 && f.op != op) mixed = true;
-        op = f.op;
-      } else {
-        other++;
+      if (f.state != AT_SIMD) { other++; continue; }
+      if (first < 0) { first = i; continue; }
+      if (f.site.id != g->fibers[first].site.id) {
+        fail(divergence_message(g->fibers[first], f));
+        return false;
       }
     }
-    if (at_simd == 0) continue;
-    if (mixed) { fail("lanes of one simdgroup are blocked on different simd ops"); return false; }
-    if (other) continue;  // wait: other lanes are at a threadgroup barrier or returned
+    if (first < 0 || other) continue;  // wait: other lanes are at a barrier or returned
     for (int i = base; i < end; i++) g->fibers[i].state = RUN;
     any = true;
   }
@@ -198,7 +216,7 @@ inline int run_grid(const long* grid, const long* tg_in, unsigned seed, void* bo
   Group g;
   g.body = body;
   g.trampoline = trampoline;
-  g.arena.resize(64 * 1024);
+  g.arena.resize(kThreadgroupBytes);
   g.fibers.resize(threads_max);
   for (auto& f : g.fibers) f.stack = static_cast<char*>(std::malloc(kStackBytes));
   group() = &g;

@@ -7,12 +7,14 @@
 //     a phase the fiber order is a seeded random permutation, so a missing barrier shows up as
 //     stale or poisoned data;
 //   * simd ops: each lane publishes its value in a per-thread exchange slot (double-buffered by
-//     op generation); the op resolves only when EVERY lane of the simdgroup is blocked on the
-//     same op kind (uniform control flow is part of the subset; divergence is an error);
+//     op generation); the op resolves only when EVERY lane of the simdgroup is blocked at the
+//     same CALL SITE (uniform control flow is part of the subset; lanes at two different
+//     sites, even of the same op, are a divergence error);
 //   * a threadgroup barrier resolves only when every thread of the group is blocked on it; a
 //     thread that returned while others wait is an error (the kernel is rejected);
-//   * `threadgroup` arrays are allocated per threadgroup from an arena poisoned with 0xFF bytes
-//     (NaN for floats), so reads before writes are visible; buffers handed out by
+//   * `threadgroup` arrays are allocated per threadgroup from a 32 KiB arena (Metal's limit;
+//     more is an error) poisoned with 0xFF bytes (NaN for floats), so reads before writes are
+//     visible; buffers handed out by
 //     mtl_emu_alloc end at a PROT_NONE guard page and SIGSEGV is turned into an error code.
 // Address spaces are erased (not type-checked): see docs/kernels.md for what that means.
 #pragma once
@@ -110,24 +112,22 @@ inline mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags(int(a) |
 #include "emu_runtime.h"
 
 // ---- MSL sync and SIMD-group functions ------------------------------------------------------
+// Every simd op is a macro that stamps its CALL SITE (a unique __COUNTER__ per textual use,
+// plus __LINE__ for messages): the lanes of a simdgroup rendezvous only at the same site, so
+// `if (lane < 16) s = simd_sum(s); else s = simd_sum(s);` is a divergence error, not one
+// 32-lane reduction. (A site inside a helper reached through two divergent call paths is
+// still one site: the emulator keys by source text, not by call stack.)
+#define MTL_EMU_SITE(name) mtl_emu::Site{__COUNTER__, __LINE__, name}
+#define MTL_EMU_SIMD(name, op, ...) mtl_emu::simd_exchange(MTL_EMU_SITE(name), op, __VA_ARGS__)
 inline void threadgroup_barrier(mem_flags) { mtl_emu::barrier_wait(); }
-inline void simdgroup_barrier(mem_flags) { mtl_emu::simd_exchange<int>(0, mtl_emu::OP_BARRIER, 0); }
-template <typename T> inline T simd_sum(T x) { return mtl_emu::simd_exchange(x, mtl_emu::OP_SUM, 0); }
-template <typename T> inline T simd_max(T x) { return mtl_emu::simd_exchange(x, mtl_emu::OP_MAX, 0); }
-template <typename T> inline T simd_min(T x) { return mtl_emu::simd_exchange(x, mtl_emu::OP_MIN, 0); }
-template <typename T> inline T simd_shuffle(T x, ushort lane) {
-  return mtl_emu::simd_exchange(x, mtl_emu::OP_SHUFFLE, lane);
-}
-template <typename T> inline T simd_broadcast(T x, ushort lane) {
-  return mtl_emu::simd_exchange(x, mtl_emu::OP_SHUFFLE, lane);
-}
-template <typename T> inline T simd_shuffle_xor(T x, ushort mask) {
-  return mtl_emu::simd_exchange(x, mtl_emu::OP_SHUFFLE_XOR, mask);
-}
-template <typename T> inline T simd_shuffle_down(T x, ushort delta) {
-  return mtl_emu::simd_exchange(x, mtl_emu::OP_SHUFFLE_DOWN, delta);
-}
-template <typename T> inline T simd_shuffle_up(T x, ushort delta) {
-  return mtl_emu::simd_exchange(x, mtl_emu::OP_SHUFFLE_UP, delta);
-}
-
+#define simdgroup_barrier(...) MTL_EMU_SIMD("simdgroup_barrier", mtl_emu::OP_BARRIER, 0)
+#define simd_sum(...) MTL_EMU_SIMD("simd_sum", mtl_emu::OP_SUM, __VA_ARGS__)
+#define simd_max(...) MTL_EMU_SIMD("simd_max", mtl_emu::OP_MAX, __VA_ARGS__)
+#define simd_min(...) MTL_EMU_SIMD("simd_min", mtl_emu::OP_MIN, __VA_ARGS__)
+#define simd_shuffle(...) MTL_EMU_SIMD("simd_shuffle", mtl_emu::OP_SHUFFLE, __VA_ARGS__)
+#define simd_broadcast(...) MTL_EMU_SIMD("simd_broadcast", mtl_emu::OP_SHUFFLE, __VA_ARGS__)
+#define simd_shuffle_xor(...) \
+  MTL_EMU_SIMD("simd_shuffle_xor", mtl_emu::OP_SHUFFLE_XOR, __VA_ARGS__)
+#define simd_shuffle_down(...) \
+  MTL_EMU_SIMD("simd_shuffle_down", mtl_emu::OP_SHUFFLE_DOWN, __VA_ARGS__)
+#define simd_shuffle_up(...) MTL_EMU_SIMD("simd_shuffle_up", mtl_emu::OP_SHUFFLE_UP, __VA_ARGS__)
