@@ -139,6 +139,18 @@ def test_blocked_head_is_not_overtaken_and_its_lookup_is_undone():
     assert cache.num_free_blocks == 3
 
 
+def test_cached_tokens_are_recorded_at_admission_not_at_a_failed_attempt():
+    sched, cache = make_scheduler(num_blocks=3, hits={"a": 4})
+    a = make_request("a", 16)
+    sched.add(a)
+    step(sched)  # lookup hits 4 tokens, allocation fails, lookup undone
+    assert a.num_cached_tokens == -1
+    cache.hits["a"] = 0  # the cached block was evicted meanwhile
+    cache.num_free_blocks = 4
+    assert rows(step(sched)) == [("a", 16)]
+    assert a.num_cached_tokens == 0
+
+
 # -- token budget and chunked prefill ----------------------------------------------------
 def test_budget_splits_between_decodes_and_prefill_chunks():
     sched, _ = make_scheduler(max_num_batched_tokens=10)
