@@ -2,10 +2,10 @@
 
 Streams a --tokens long answer (English prose with some emoji, accents and CJK) through
 `FullDecodeDetokenizer` and `Detokenizer` one token at a time, as the engine does, and
-times every `update()` (the fastest of --repeats runs). The per-token time is summarised per position bucket and by a
-least-squares slope against the position: a slope near zero means the per-token cost is
-independent of the length (total cost linear in it); a positive one means it grows with the
-length (total cost quadratic).
+times every `update()` (the fastest of --repeats runs). The per-token time is summarised
+per position bucket and by a least-squares slope against the position: a slope near zero
+means the per-token cost is independent of the length (total cost linear in it); a
+positive one means it grows with the length (total cost quadratic).
 
     python benchmarks/detok_cost.py                         # SmolLM2 and Gemma-3, 2,000 tokens
     python benchmarks/detok_cost.py --quick                 # SmolLM2, 200 tokens, once
