@@ -77,7 +77,8 @@ class Detokenizer:
         """New text since the last call. Sets `stopped_on` when a stop string appears.
 
         Args:
-            output_ids: every output token id so far; each call extends the previous one's.
+            output_ids: every output token id so far; each call's ids start with the previous
+                call's (the engine may repeat them once, without a stop token, at the end).
             final: the request ends with these ids: emit everything, hold nothing back.
         Returns:
             The text to append to what earlier calls returned ("" while a tail is held).
