@@ -4,7 +4,7 @@ Layer groups (mlxkv.kv_spec) each have a BlockPool, a PrefixIndex and one block 
 request; all groups share the request's token count and chained block hashes. Slots are
 `block_id * block_size + offset`.
 
-Invariants (STYLE.md section 3; asserted by `check_invariants`):
+Invariants (docs/kv-store.md; asserted by `check_invariants`):
   * a block's ref_count equals the number of tables (over all requests) holding it;
   * only full blocks whose tokens are final are hashed (`commit`); a hashed block is never
     written: `allocate_slots` copies it (COW, ref_count > 1) or un-hashes it (sole owner);

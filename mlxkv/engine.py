@@ -1,8 +1,8 @@
 """LLMEngine: the synchronous core. add_request / abort / step() -> RequestOutput deltas.
 
 One step: schedule (counts) -> COW copies -> build the flat batch -> forward over the
-paged store -> sample -> append tokens, commit full blocks, detokenise, check stops ->
-emit deltas. The engine owns the scheduler, the cache manager, the runner and the
+paged store -> n > 1 forks -> sample -> commit full computed blocks -> append tokens,
+check stops, detokenise -> emit deltas (docs/architecture.md has the diagram). The engine owns the scheduler, the cache manager, the runner and the
 tokenizer; it is the only code that joins requests to arrays.
 """
 

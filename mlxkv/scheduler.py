@@ -126,10 +126,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             if not self.cache.has_request(req.request_id):
-                cached = self.cache.lookup(req.request_id, req.token_ids)
-                req.num_computed_tokens = cached
-                if req.num_cached_tokens < 0:
-                    req.num_cached_tokens = cached
+                req.num_computed_tokens = self.cache.lookup(req.request_id, req.token_ids)
             num_new = min(req.num_pending_tokens, budget)
             if num_new < req.num_pending_tokens and not self.config.enable_chunked_prefill:
                 self._undo_lookup(req)
@@ -139,6 +136,8 @@ class Scheduler:
                 self._undo_lookup(req)
                 break
             self.waiting.popleft()
+            if req.num_cached_tokens < 0:  # first admission (not a failed try, not a resume)
+                req.num_cached_tokens = req.num_computed_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.scheduled.append(ScheduledSeq(req, num_new, alloc))

@@ -20,7 +20,8 @@ import mlx.core as mx
 
 from mlxkv.codec.rotation import rotate, unrotate
 
-# Step constants c_{L,m} (Gaussian optimum, research/kv_compression.md section 7.3).
+# Step constants c_{L,m}: optimal for Gaussian coordinates, not yet re-tuned on captured KV
+# (docs/compression.md, "Scale").
 _STEP = {("e8", 2): 1.00, ("e8", 3): 0.60, ("e8", 4): 0.35,
          ("d4", 2): 0.95, ("d4", 3): 0.55, ("d4", 4): 0.30}
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, MutableMapping
 import mlx.core as mx
 
 from mlxkv.codec.base import KVCodec
-from mlxkv.codec.lattice import _STEP as LATTICE_STEPS  # NOTE: c_{L,m}, see requests/kernels.md
+from mlxkv.codec.lattice import _STEP as LATTICE_STEPS  # NOTE: c_{L,m}, see docs/kernels.md
 from mlxkv.codec.lattice import LatticeCodec
 from mlxkv.codec.rotation import rotation_matrix
 from mlxkv.kernels._hadamard import rotation_signs

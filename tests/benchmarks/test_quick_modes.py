@@ -36,6 +36,16 @@ def test_quality_quick(tmp_path):
     assert [t["dppl_target_pct"] for t in data["iso_dppl"]] == [0.5, 1.0, 2.0]
 
 
+def test_detok_cost_quick(tmp_path):
+    proc = run("detok_cost.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "detok_cost.json").read_text())
+    assert {"git_revision", "hardware", "rows"} <= set(data)
+    row = data["rows"][0]
+    assert row["num_tokens"] == 200
+    assert {"per_token_us_by_bucket", "slope_us_per_1000_tokens"} <= set(row["new_window"])
+
+
 @pytest.mark.parametrize("argv", [["bench", "--tiny", "--max-tokens", "4"]])
 def test_mlxkv_bench_cli(tmp_path, argv):
     out = tmp_path / "bench.json"

@@ -1,7 +1,7 @@
 """Run Metal kernel bodies on the CPU: MLX's signature generator + a C++ emulation of MSL.
 
 `make_kernel_source(launch)` rebuilds, character for character, the source that
-`mx.fast.metal_kernel` compiles (mlx/backend/common/metal_kernel.cpp, mlx 0.32: template
+`mx.fast.metal_kernel` compiles (MLX 0.32's signature writer for custom kernels: template
 header, `[[kernel]] void custom_kernel_<name>_<template hash>_<dtype suffixes>(...)` with
 `const device T* x [[buffer(i)]]` inputs (`constant` below 8 elements, `&` for 0-d),
 `_shape/_strides/_ndim` buffers when the body names them, outputs, then the Metal
