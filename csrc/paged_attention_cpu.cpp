@@ -24,7 +24,7 @@ namespace mlxkv {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int64_t kMinWorkPerThread = 1 << 16; // multiply-adds worth a thread
+constexpr int64_t kMinWorkPerThread = 1 << 20; // multiply-adds worth a thread spawn
 
 struct Geometry {
   int B, H, D, KVH, G, BS, MB, NB, window;
@@ -129,16 +129,20 @@ void attend_item(const Geometry& g, const T* q, const T* k_pool, const T* v_pool
   }
 }
 
+// Threads for one call: `requested` when > 0 (capped by the work items), else one per core
+// while each gets at least kMinWorkPerThread multiply-adds.
 int pick_threads(const Geometry& g, const int32_t* lens, int requested) {
+  const int64_t items = static_cast<int64_t>(g.B) * g.KVH;
+  if (requested > 0) {
+    return static_cast<int>(std::min<int64_t>(requested, items));
+  }
   int64_t keys = 0;
   for (int b = 0; b < g.B; ++b) {
     keys += std::min(lens[b], g.MB * g.BS);
   }
   const int64_t work = keys * g.KVH * g.G * g.D * 2;
-  int n = requested > 0 ? requested : static_cast<int>(std::thread::hardware_concurrency());
-  n = std::min<int64_t>({static_cast<int64_t>(std::max(n, 1)),
-                         static_cast<int64_t>(g.B) * g.KVH, work / kMinWorkPerThread});
-  return std::max(n, 1);
+  const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
+  return static_cast<int>(std::max<int64_t>(1, std::min({cores, items, work / kMinWorkPerThread})));
 }
 
 template <typename T>
