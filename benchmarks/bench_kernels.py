@@ -1,7 +1,7 @@
 """Kernel microbenchmark: paged attention (full precision and compressed) and the KV encode.
 
 Times the pure-mx reference paths on whatever device MLX uses (CPU here), the Metal
-kernels when a Metal device exists, and mx.fast.scaled_dot_product_attention on contiguous
+kernels when a Metal device exists, the compiled CPU primitive (mlxkv._ext) when built, and mx.fast.scaled_dot_product_attention on contiguous
 K/V as the anchor. Each attention row also gives its bandwidth floor: the bytes of K/V
 the op must read at least once divided by the measured copy bandwidth (the faster of
 floor.py's MLX and numpy copy tests).
@@ -30,6 +30,10 @@ from mlxkv.codec import get_codec  # noqa: E402
 from mlxkv.kernels import kv_encode_kernel, kv_encode_ref  # noqa: E402
 from mlxkv.kernels._source import is_metal_available  # noqa: E402
 from mlxkv.kernels.paged_attention import paged_attention_kernel, paged_attention_ref  # noqa: E402
+from mlxkv.kernels.paged_attention_cpu import (  # noqa: E402
+    is_cpu_kernel_available,
+    paged_attention_cpu_kernel,
+)
 from mlxkv.kernels.paged_attention_quant import (  # noqa: E402
     paged_attention_quant_kernel,
     paged_attention_quant_ref,
@@ -87,6 +91,9 @@ def bench_attention(batch, context, args, metal: bool) -> list[dict]:
     if metal:
         rows.append({"op": "paged_attention_kernel", "kv_bytes": fp_bytes,
                      "ms": _median_ms(lambda: paged_attention_kernel(**case), args.repeats)})
+    if is_cpu_kernel_available():
+        rows.append({"op": "paged_attention_cpu_kernel", "kv_bytes": fp_bytes,
+                     "ms": _median_ms(lambda: paged_attention_cpu_kernel(**case), args.repeats)})
     k_fp, v_fp = case.pop("k_pool"), case.pop("v_pool")
     for spec in args.codecs:
         k_name, v_name = spec.split("/")

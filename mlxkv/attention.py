@@ -7,8 +7,9 @@ block tables are padded with the null block, which the mask hides); prefill chun
 one sequence at a time. No token padding is ever added to the batch.
 
 Decode rows can instead go through a `DecodeOp` (the fused kernels of mlxkv.kernels on
-Metal, see `kernel_decode`): it reads K/V straight from the pools through the block
-tables, so no gathered copy of the context is made. Prefill chunks always take the
+Metal, see `kernel_decode`; the compiled CPU primitive, see `cpu_decode`): it reads K/V
+straight from the pools through the block tables, so no gathered copy of the context is
+made. Prefill chunks always take the
 reference path.
 """
 
@@ -24,6 +25,7 @@ from mlxkv.inputs import BatchInputs
 from mlxkv.kernels import paged_attention_kernel, paged_attention_quant_kernel
 from mlxkv.kernels._source import is_metal_available, run_metal
 from mlxkv.kernels.paged_attention import is_kernel_supported as dense_supported
+from mlxkv.kernels.paged_attention_cpu import cpu_decode, is_cpu_kernel_available
 from mlxkv.kernels.paged_attention_quant import is_kernel_supported as quant_supported
 from mlxkv.kernels.paged_attention_quant import pool_kv_heads
 from mlxkv.kv_store import KVStore
@@ -55,17 +57,20 @@ def kernel_decode(q, store: KVStore, layer_id: int, tables, seq_lens, scale, win
 
 
 def default_decode_op(backend: str = "auto", verbose: bool = False) -> DecodeOp | None:
-    """`kernel_decode` when backend is "auto" and Metal is available; None (reference) else.
+    """The fused decode op for "auto": `kernel_decode` on Metal, else `cpu_decode` when the
+    compiled CPU extension loads; None (reference) for "reference" or when neither exists.
 
     `verbose` makes MLX print each kernel's generated Metal source (MLXKV_KERNEL_VERBOSE=1).
     """
     if backend not in ("auto", "reference"):
         raise ValueError(f"attention backend must be 'auto' or 'reference', got {backend!r}")
-    if backend != "auto" or not is_metal_available():
+    if backend != "auto":
         return None
-    if verbose:
-        return partial(kernel_decode, executor=partial(run_metal, verbose=True))
-    return kernel_decode
+    if is_metal_available():
+        if verbose:
+            return partial(kernel_decode, executor=partial(run_metal, verbose=True))
+        return kernel_decode
+    return cpu_decode if is_cpu_kernel_available() else None
 
 
 def gather_context(store: KVStore, layer_id: int, table: mx.array):

@@ -136,7 +136,7 @@ class EngineConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     seed: int = 0
     kernel_verbose: bool = False
-    attention: str = "auto"  # "auto": fused kernels on Metal, else reference; "reference"
+    attention: str = "auto"  # "auto": fused kernels (Metal, or mlxkv._ext on CPU); "reference"
 
     def __post_init__(self) -> None:
         _check(self.attention in ("auto", "reference"), "attention", "'auto' or 'reference'")

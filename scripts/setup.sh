@@ -9,6 +9,9 @@ if [ "$(uname -s)" = "Linux" ]; then
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libopenblas0-pthread || echo "warning: could not install libopenblas0-pthread; CPU matmuls will be slow" >&2
   fi
   "$PY" -m pip install -q -e ".[cpu,dev]"
+  # The compiled CPU attention (mlxkv._ext, ~1 min); without it the reference path runs.
+  PYTHON="$PY" bash scripts/build_ext.sh >/dev/null \
+    || echo "warning: scripts/build_ext.sh failed; CPU attention uses the reference path" >&2
 else
   "$PY" -m pip install -q -e ".[dev]"
 fi

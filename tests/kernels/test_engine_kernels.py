@@ -22,6 +22,7 @@ from mlxkv.config import EngineConfig
 from mlxkv.inputs import SeqEntry, build_batch
 from mlxkv.kernels.kv_encode import is_kernel_supported as encode_supported
 from mlxkv.kernels.kv_encode import kv_encode_kernel
+from mlxkv.kernels.paged_attention_cpu import cpu_decode, is_cpu_kernel_available
 from mlxkv.kv_store import KVStore
 from mlxkv.models.adapter import group_specs_for
 from mlxkv.models.tiny import make_tiny_model
@@ -50,14 +51,17 @@ def emulated_encoder(counter: Counting):
     return encode
 
 
-def run_steps(model, spec: str, counter: Counting | None, decode_steps=3, block_size=16):
-    """Prefill two prompts, then decode greedily in one batch; logits of every step."""
+def run_steps(model, spec: str, counter: Counting | None, decode_steps=3, block_size=16,
+              decode_op=None):
+    """Prefill two prompts, then decode greedily in one batch; logits of every step.
+
+    The decode op is kernel_decode on `counter` when one is given, else `decode_op`."""
     groups = group_specs_for(model)
     codecs = parse_kv_codec(spec, len(model.layers))
     kw = {} if counter is None else {"encoder": emulated_encoder(counter)}
     store = KVStore(groups, [24] * len(groups), block_size, mx.float32, codecs, **kw)
     cache = KVCacheManager(groups, [24] * len(groups), block_size)
-    op = None if counter is None else partial(kernel_decode, executor=counter)
+    op = decode_op if counter is None else partial(kernel_decode, executor=counter)
     runner = ModelRunner(model, store, op)
     seqs = {f"s{i}": list(p) for i, p in enumerate(PROMPTS)}
     done = dict.fromkeys(seqs, 0)
@@ -136,7 +140,8 @@ def test_mixed_batch_decode_rows_use_the_kernel():
 
 def test_default_decode_op_follows_the_backend_and_the_device():
     assert default_decode_op("reference") is None
-    expected = kernel_decode if mx.metal.is_available() else None
+    cpu = cpu_decode if is_cpu_kernel_available() else None
+    expected = kernel_decode if mx.metal.is_available() else cpu
     assert default_decode_op("auto") is expected
     with pytest.raises(ValueError):
         default_decode_op("cuda")
