@@ -1,8 +1,8 @@
 """Kernel microbenchmark: paged attention (full precision and compressed) and the KV encode.
 
 Times the pure-mx reference paths on whatever device MLX uses (CPU here), the Metal
-kernels when a Metal device exists, the compiled CPU primitive (mlxkv._ext) when built, and mx.fast.scaled_dot_product_attention on contiguous
-K/V as the anchor. Each attention row also gives its bandwidth floor: the bytes of K/V
+kernels when a Metal device exists, the compiled CPU primitive (mlxkv._ext) when built,
+and mx.fast.scaled_dot_product_attention on contiguous K/V as the anchor. Each attention row also gives its bandwidth floor: the bytes of K/V
 the op must read at least once divided by the measured copy bandwidth (the faster of
 floor.py's MLX and numpy copy tests).
 Prints hardware, settings and git revision; writes results/kernels.json and a PNG.

@@ -9,8 +9,7 @@ one sequence at a time. No token padding is ever added to the batch.
 Decode rows can instead go through a `DecodeOp` (the fused kernels of mlxkv.kernels on
 Metal, see `kernel_decode`; the compiled CPU primitive, see `cpu_decode`): it reads K/V
 straight from the pools through the block tables, so no gathered copy of the context is
-made. Prefill chunks always take the
-reference path.
+made. Prefill chunks always take the reference path.
 """
 
 from __future__ import annotations

@@ -47,13 +47,8 @@ def _settled(text: str, stop: Sequence[str]) -> str:
     return text[: len(text) - hold] if hold else text
 
 
-class Detokenizer:
-    """Per-request text state. `tokenizer` None yields no text (token-id-only use).
-
-    Each `update` decodes a window that spans the tokens since the last two whole-character
-    boundaries, so its cost does not grow with the output (a run of tokens that never
-    ends on a character boundary widens the window until one does).
-    """
+class _StopStringText:
+    """What both detokenizers are configured with, and the stop string that ended the text."""
 
     def __init__(self, tokenizer, stop: Sequence[str] = (), include_stop: bool = False,
                  skip_special_tokens: bool = True):
@@ -62,6 +57,18 @@ class Detokenizer:
         self.include_stop = include_stop
         self.skip_special_tokens = skip_special_tokens
         self.stopped_on: str | None = None
+
+
+class Detokenizer(_StopStringText):
+    """Per-request text state. `tokenizer` None yields no text (token-id-only use).
+
+    Each `update` decodes a window that spans the tokens since the last two whole-character
+    boundaries, so its cost does not grow with the output (a run of tokens that never
+    ends on a character boundary widens the window until one does).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.num_emitted_chars = 0
         self._max_stop = max(map(len, self.stop), default=0)
         self._prefix_offset = 0  # token offsets into the output ids (see the module diagram)
@@ -140,21 +147,16 @@ class Detokenizer:
             self._base = keep_from
 
 
-class FullDecodeDetokenizer:
+class FullDecodeDetokenizer(_StopStringText):
     """Reference twin of `Detokenizer`: re-decodes every output id each step (O(n) a step).
 
     The oracle for tests and the baseline for benchmarks/detok_cost.py; the engine uses
     `Detokenizer`.
     """
 
-    def __init__(self, tokenizer, stop: Sequence[str] = (), include_stop: bool = False,
-                 skip_special_tokens: bool = True):
-        self.tokenizer = tokenizer
-        self.stop = tuple(stop)
-        self.include_stop = include_stop
-        self.skip_special_tokens = skip_special_tokens
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.emitted = ""  # text already returned to the caller
-        self.stopped_on: str | None = None
 
     def update(self, output_ids: Sequence[int], final: bool = False) -> str:
         """Same contract as `Detokenizer.update`."""

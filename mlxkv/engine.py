@@ -2,8 +2,9 @@
 
 One step: schedule (counts) -> COW copies -> build the flat batch -> forward over the
 paged store -> n > 1 forks -> sample -> commit full computed blocks -> append tokens,
-check stops, detokenise -> emit deltas (docs/architecture.md has the diagram). The engine owns the scheduler, the cache manager, the runner and the
-tokenizer; it is the only code that joins requests to arrays.
+check stops, detokenise -> emit deltas (docs/architecture.md has the diagram). The engine
+owns the scheduler, the cache manager, the runner and the tokenizer; it is the only code
+that joins requests to arrays.
 """
 
 from __future__ import annotations

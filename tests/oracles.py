@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.models.cache import KVCache
 
 from mlxkv.cache_manager import KVCacheManager
 from mlxkv.codec import parse_kv_codec
+from mlxkv.codec.base import KVCodec
 from mlxkv.config import CacheConfig, EngineConfig, SchedulerConfig
 from mlxkv.inputs import SeqEntry, build_batch
 from mlxkv.kv_store import KVStore
@@ -39,12 +41,18 @@ class Trace:
     logits: np.ndarray
 
 
-def make_llm(model, num_blocks=256, block_size=4, max_batched=512, max_seqs=32, **cache_kw):
+def llm_for(loaded, num_blocks, block_size, max_batched, max_seqs, **cache_kw) -> LLM:
+    """An LLM over `loaded` (model, tokenizer) with the given pool and scheduler sizes."""
     config = EngineConfig(
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, **cache_kw),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_batched, max_num_seqs=max_seqs),
     )
-    return LLM(config, loaded=(model, None))
+    return LLM(config, loaded=loaded)
+
+
+def make_llm(model, num_blocks=256, block_size=4, max_batched=512, max_seqs=32, **cache_kw):
+    """A tokenizer-less LLM over a tiny model: a small pool and 4-token blocks by default."""
+    return llm_for((model, None), num_blocks, block_size, max_batched, max_seqs, **cache_kw)
 
 
 def run(llm: LLM, prompts, params=GREEDY) -> dict[str, Trace]:
@@ -87,19 +95,26 @@ def alone(model, prompt, params=GREEDY, **kw) -> Trace:
 
 
 # -- the oracles ---------------------------------------------------------------------------
-def engine_vs_mlx_lm(model, prompt=PROMPT, steps=10, **llm_kw) -> None:
-    """The engine's logits equal mlx-lm's own model + KV cache, step by step."""
+def greedy_cache_loop(model, prompt, steps, cache=None) -> Trace:
+    """Greedy `steps` tokens from mlx-lm's model over `cache` (default: its own KV cache),
+    the whole prompt in one forward; the fp32 logits of every step."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    got = alone(model, prompt, SamplingParams(max_tokens=steps, temperature=0.0,
-                                              ignore_eos=True), **llm_kw)
-    cache, x, rows, ids = make_prompt_cache(model), mx.array(prompt)[None], [], []
+    cache = make_prompt_cache(model) if cache is None else cache
+    x, rows, ids = mx.array(list(prompt))[None], [], []
     for _ in range(steps):
         row = model(x, cache=cache)[0, -1].astype(mx.float32)
         rows.append(np.array(row))
         ids.append(int(mx.argmax(row)))
         x = mx.array([[ids[-1]]])
-    assert_same(got, Trace(ids, np.stack(rows)), "engine vs mlx-lm")
+    return Trace(ids, np.stack(rows))
+
+
+def engine_vs_mlx_lm(model, prompt=PROMPT, steps=10, **llm_kw) -> None:
+    """The engine's logits equal mlx-lm's own model + KV cache, step by step."""
+    got = alone(model, prompt, SamplingParams(max_tokens=steps, temperature=0.0,
+                                              ignore_eos=True), **llm_kw)
+    assert_same(got, greedy_cache_loop(model, prompt, steps), "engine vs mlx-lm")
 
 
 def prefix_hit_vs_cold(model) -> None:
@@ -176,35 +191,30 @@ def trim_vs_never_written(model) -> None:
     assert_same(Trace([], got[None]), Trace([], fresh[None]), "trim(22)+5 vs fresh 27")
 
 
-class RoundTripCache:
-    """mlx-lm KV cache storing codec.decode(codec.encode(x)): the decode-then-attend oracle."""
+class CodecRoundTripCache(KVCache):
+    """mlx-lm's dense KVCache storing every K/V vector as decode(encode(x)).
 
-    def __init__(self, k_codec, v_codec):
-        from mlx_lm.models.cache import KVCache
+    The decode-then-attend reference for a compressed pool: mlx-lm attends densely over
+    exactly the values the engine's paged store holds for the same codecs.
+    """
 
-        self.inner, self.codecs = KVCache(), (k_codec, v_codec)
+    def __init__(self, k_codec: KVCodec, v_codec: KVCodec):
+        super().__init__()
+        self.k_codec, self.v_codec = k_codec, v_codec
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def update_and_fetch(self, keys, values):
-        k, v = (c.decode(c.encode(x), x.dtype) for c, x in zip(self.codecs, (keys, values),
-                                                                strict=True))
-        return self.inner.update_and_fetch(k, v)
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        keys = self.k_codec.decode(self.k_codec.encode(keys), keys.dtype)
+        values = self.v_codec.decode(self.v_codec.encode(values), values.dtype)
+        return super().update_and_fetch(keys, values)
 
 
 def codec_vs_decode_then_attend(model, spec: str, atol: float = ATOL) -> None:
     """The engine over `spec` pools equals dense attention over round-tripped K/V."""
     codecs = parse_kv_codec(spec, len(model.layers))
     got = alone(model, PROMPT, kv_codec=spec, max_batched=16)  # 3 chunks read the pool
-    cache = [RoundTripCache(*codecs[i]) for i in range(len(model.layers))]
-    x, rows, ids = mx.array(PROMPT)[None], [], []
-    for _ in range(len(got.token_ids)):
-        row = model(x, cache=cache)[0, -1].astype(mx.float32)
-        rows.append(np.array(row))
-        ids.append(int(mx.argmax(row)))
-        x = mx.array([[ids[-1]]])
-    assert_same(got, Trace(ids, np.stack(rows)), f"{spec} engine vs decode-then-attend", atol)
+    cache = [CodecRoundTripCache(*codecs[i]) for i in range(len(model.layers))]
+    ref = greedy_cache_loop(model, PROMPT, len(got.token_ids), cache)
+    assert_same(got, ref, f"{spec} engine vs decode-then-attend", atol)
 
 
 ORACLES = {

@@ -3,33 +3,21 @@
 from __future__ import annotations
 
 import mlx.core as mx
+from oracles import greedy_cache_loop, llm_for
 
-from mlxkv.config import CacheConfig, EngineConfig, SchedulerConfig
-from mlxkv.llm import LLM
 from mlxkv.sampling import SamplingParams
 
 
 def mlx_lm_greedy(model, prompt, num_tokens):
     """Greedy continuation and per-step log-softmax rows with mlx-lm's own KV cache."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
-    x = mx.array(prompt)[None]
-    tokens, logprobs = [], []
-    for _ in range(num_tokens):
-        logits = model(x, cache=cache)[0, -1].astype(mx.float32)
-        logprobs.append(logits - mx.logsumexp(logits))
-        tokens.append(int(mx.argmax(logits)))
-        x = mx.array([[tokens[-1]]])
-    return tokens, logprobs
+    trace = greedy_cache_loop(model, prompt, num_tokens)
+    logits = mx.array(trace.logits)
+    return trace.token_ids, list(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
 
 
 def make_llm(loaded, num_blocks=None, block_size=16, max_batched=512, max_seqs=32, **cache_kw):
-    config = EngineConfig(
-        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, **cache_kw),
-        scheduler=SchedulerConfig(max_num_batched_tokens=max_batched, max_num_seqs=max_seqs),
-    )
-    return LLM(config, loaded=loaded)
+    """An LLM over `loaded` (model, tokenizer): the pool sized from memory by default."""
+    return llm_for(loaded, num_blocks, block_size, max_batched, max_seqs, **cache_kw)
 
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)

@@ -1,5 +1,5 @@
-"""Long parity helpers: mlx-lm references with top logprobs, a codec round-trip cache,
-and the per-step comparison of the engine's logprobs against a reference.
+"""Long parity helpers: mlx-lm references with top logprobs and the per-step comparison
+of the engine's logprobs against a reference (the codec round-trip cache is in oracles.py).
 
 The main reference is mlx-lm's own `generate_step`, the loop under `generate` and
 `stream_generate` (they stop at EOS, it does not, so lengths match `ignore_eos`). Per step
@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import KVCache
+from oracles import greedy_cache_loop
 
-from mlxkv.codec.base import KVCodec
 from mlxkv.outputs import TokenLogprob
 from mlxkv.sampling import SamplingParams
 
@@ -53,31 +52,12 @@ def cache_loop_reference(model, prompt: Sequence[int], num_tokens: int, cache: l
     Unlike generate_step (prompt[:-1], then the last token) this is the engine's order of
     work for a request running alone, which matters where fp32 rounding is amplified.
     """
+    trace = greedy_cache_loop(model, prompt, num_tokens, cache)
     ref = Reference([], [], [])
-    x = mx.array(list(prompt))[None]
-    for _ in range(num_tokens):
-        logits = model(x, cache=cache)[0, -1].astype(mx.float32)
-        logprobs = logits - mx.logsumexp(logits)
-        _record(ref, int(mx.argmax(logprobs)), logprobs, num_top)
-        x = mx.array([[ref.token_ids[-1]]])
+    for token, row in zip(trace.token_ids, trace.logits, strict=True):
+        logits = mx.array(row)
+        _record(ref, token, logits - mx.logsumexp(logits), num_top)
     return ref
-
-
-class CodecRoundTripCache(KVCache):
-    """mlx-lm's dense KVCache storing every K/V vector as decode(encode(x)).
-
-    The decode-then-attend reference for a compressed pool: mlx-lm attends densely over
-    exactly the values the engine's paged store holds for the same codecs.
-    """
-
-    def __init__(self, k_codec: KVCodec, v_codec: KVCodec):
-        super().__init__()
-        self.k_codec, self.v_codec = k_codec, v_codec
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array):
-        keys = self.k_codec.decode(self.k_codec.encode(keys), keys.dtype)
-        values = self.v_codec.decode(self.v_codec.encode(values), values.dtype)
-        return super().update_and_fetch(keys, values)
 
 
 def greedy_params(num_tokens: int, num_top: int) -> SamplingParams:

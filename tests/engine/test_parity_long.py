@@ -19,13 +19,13 @@ import random
 import pytest
 from engine_helpers import make_llm
 from long_helpers import (
-    CodecRoundTripCache,
     assert_matches,
     cache_loop_reference,
     greedy_params,
     mlx_lm_reference,
     record_step_kinds,
 )
+from oracles import CodecRoundTripCache
 
 from mlxkv.codec import parse_kv_codec
 
