@@ -26,6 +26,7 @@ def assert_killed(check) -> str:
         check()
     message = str(info.value)
     assert "differ" in message or "ids" in message, f"killed by something else: {message}"
+    print(f"killed: {message}")  # the kill margin (docs/testing.md): pytest -s tests/mutation
     return message
 
 
