@@ -137,6 +137,7 @@ class EngineConfig:
     seed: int = 0
     kernel_verbose: bool = False
     attention: str = "auto"  # "auto": fused kernels (Metal, or mlxkv._ext on CPU); "reference"
+    kernel_selfcheck: bool = True  # check each accelerator kernel against its twin at start-up
 
     def __post_init__(self) -> None:
         _check(self.attention in ("auto", "reference"), "attention", "'auto' or 'reference'")
@@ -205,4 +206,5 @@ class EngineConfig:
             model=ModelConfig(cache_dir=os.environ.get("MLXKV_CACHE_DIR")),
             kernel_verbose=os.environ.get("MLXKV_KERNEL_VERBOSE", "0") == "1",
             attention=os.environ.get("MLXKV_ATTENTION", "auto"),
+            kernel_selfcheck=os.environ.get("MLXKV_KERNEL_SELFCHECK", "1") != "0",
         )

@@ -16,12 +16,12 @@ from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 
-from mlxkv.attention import default_decode_op
 from mlxkv.cache_manager import KVCacheManager
 from mlxkv.config import EngineConfig
 from mlxkv.detokenizer import Detokenizer
 from mlxkv.errors import InvalidRequestError
 from mlxkv.inputs import SeqEntry, build_batch
+from mlxkv.kernels.selfcheck import make_kernel_guard
 from mlxkv.kv_store import KVStore
 from mlxkv.outputs import RequestOutput, TokenLogprob
 from mlxkv.request import Request, RequestStatus
@@ -56,8 +56,12 @@ class LLMEngine:
         self.cache = cache
         self.config = config
         self.max_model_len = max_model_len
-        self.runner = ModelRunner(
-            model, store, default_decode_op(config.attention, config.kernel_verbose))
+        # The kernels (Metal, CUDA, the CPU extension) behind the self-check and runtime guard.
+        self.kernels, decode_op = make_kernel_guard(
+            config.attention, config.kernel_verbose, store,
+            getattr(getattr(model, "args", None), "num_attention_heads", None),
+            selfcheck=config.kernel_selfcheck)
+        self.runner = ModelRunner(model, store, decode_op)
         self.scheduler = Scheduler(config.scheduler, cache)
         self.eos_token_ids = _eos_ids(tokenizer)
         self._detok: dict[str, Detokenizer] = {}
@@ -295,6 +299,7 @@ class LLMEngine:
         bpb = [self.store.bytes_per_block(g) for g in range(len(self.store.groups))]
         stats = self.cache.stats(bytes_per_block=bpb)
         stats["preemptions"] = self.scheduler.num_preemptions
+        stats["attention"] = self.kernels.report()
         return stats
 
     def metrics(self) -> dict:

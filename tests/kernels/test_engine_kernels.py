@@ -197,9 +197,11 @@ def test_engine_installs_kernel_decode_when_metal_is_available(monkeypatch):
                                    ("reference", False, None)):
         monkeypatch.setenv("MLXKV_ATTENTION", env)
         monkeypatch.setenv("MLXKV_KERNEL_VERBOSE", "1" if verbose else "0")
+        monkeypatch.setenv("MLXKV_KERNEL_SELFCHECK", "0")  # no real Metal to check here
         cfg = replace(EngineConfig.from_env(), cache=cache)
         engine = LLMEngine.from_config(cfg, loaded=(model, None))
-        op = engine.runner.decode_op
+        assert engine.runner.decode_op == (None if expected is None else engine.kernels.decode)
+        op = engine.kernels.backend.decode_op  # what the guard (selfcheck.py) calls
         if expected is None:
             assert op is None
         elif expected == "kernel":
