@@ -164,6 +164,8 @@ class EngineConfig:
         g.add_argument("--max-num-batched-tokens", type=int, default=512)
         g.add_argument("--max-model-len", type=int, default=None)
         g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--no-kernel-selfcheck", action="store_true",
+                       help="skip the start-up check of the accelerator kernels")
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> EngineConfig:
@@ -197,6 +199,7 @@ class EngineConfig:
                 log_prompts=get("log_prompts", False),
             ),
             seed=get("seed", 0),
+            kernel_selfcheck=base.kernel_selfcheck and not get("no_kernel_selfcheck", False),
         )
 
     @classmethod

@@ -75,6 +75,19 @@ def _check_length(engine: EngineClient, ids: list[int], max_tokens: int | None) 
             f"{len(ids)} tokens and {max_tokens or 1} more were requested", "messages")
 
 
+def _attention_metrics(attention: dict) -> str:
+    """Prometheus lines: the active attention backend and each kernel's state (1 = usable)."""
+    lines = ["# HELP mlxkv_attention_backend_info attention backend in use",
+             "# TYPE mlxkv_attention_backend_info gauge",
+             f'mlxkv_attention_backend_info{{backend="{attention.get("backend", "reference")}"}} 1',
+             "# HELP mlxkv_kernel_enabled kernel variant usable (0: disabled or declined)",
+             "# TYPE mlxkv_kernel_enabled gauge"]
+    for key, status in sorted(attention.get("kernels", {}).items()):
+        usable = int(status["state"] in ("ok", "unchecked"))
+        lines.append(f'mlxkv_kernel_enabled{{kernel="{key}",state="{status["state"]}"}} {usable}')
+    return "\n".join(lines) + "\n"
+
+
 def create_app(engine: EngineClient, config: ServerConfig | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (which must already be running)."""
     config = config or ServerConfig()
@@ -97,11 +110,17 @@ def create_app(engine: EngineClient, config: ServerConfig | None = None) -> Fast
     async def health():
         if not engine.is_healthy():
             return JSONResponse({"status": "engine dead"}, status_code=503)
-        return {"status": "ok"}
+        attention = engine.cache_stats().get("attention", {})
+        disabled = sorted(k for k, s in attention.get("kernels", {}).items()
+                          if s["state"] == "disabled")
+        return {"status": "ok", "attention_backend": attention.get("backend", "reference"),
+                "disabled_kernels": disabled}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        return prom.render(engine.metrics(), engine.cache_stats(), dict(http_counts))
+        stats = engine.cache_stats()
+        return (prom.render(engine.metrics(), stats, dict(http_counts))
+                + _attention_metrics(stats.get("attention", {})))
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def models():

@@ -158,3 +158,39 @@ def test_reference_decode_is_the_attention_oracle():
     want = paged_attention_ref(queries=q, k_pool=store.k_pool(0)["x"], v_pool=store.v_pool(0)["x"],
                                block_tables=tables, seq_lens=lens, scale=0.125, sliding_window=20)
     assert mx.allclose(got, want, atol=1e-5).item()
+
+
+class StatsOnly:
+    """The part of the engine client /health, /metrics and /v1/cache/stats read."""
+
+    model_name, max_model_len, tokenizer = "tiny", 64, None
+
+    def __init__(self, stats: dict):
+        self.stats = stats
+
+    def is_healthy(self) -> bool:
+        return True
+
+    def cache_stats(self) -> dict:
+        return self.stats
+
+    def metrics(self) -> dict:
+        return {}
+
+
+def test_health_stats_and_metrics_name_the_backend_and_the_disabled_kernel(monkeypatch, model):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+
+    fake_backend(monkeypatch, FakeDevice("compile"))
+    _, engine = serve(model)
+    client = TestClient(create_app(StatsOnly(engine.cache_stats())))
+    key = "decode fp32/fp32 d64 kvh2"
+    assert client.get("/health").json() == {"status": "ok", "attention_backend": "reference",
+                                            "disabled_kernels": [key]}
+    stats = client.get("/v1/cache/stats").json()["attention"]
+    assert stats["device_backend"] == "fake" and stats["kernels"][key]["state"] == "disabled"
+    metrics = client.get("/metrics").text
+    assert 'mlxkv_attention_backend_info{backend="reference"} 1' in metrics
+    assert f'mlxkv_kernel_enabled{{kernel="{key}",state="disabled"}} 0' in metrics
