@@ -2,16 +2,26 @@
 // MLX's prelude, which provides <metal_stdlib>, `using namespace metal`, float16_t and
 // bfloat16_t). Only the MSL subset of docs/kernels.md is used, so tests/kernels can run
 // every body through its C++ emulation. MLXKV_FN / MLXKV_TG are the function and
-// threadgroup-memory qualifiers, named so that a CUDA prelude for mx.fast.cuda_kernel can
-// redefine them (no CUDA run has been made yet; see docs/kernels.md).
+// threadgroup-memory qualifiers and MLXKV_DEVICE / MLXKV_THREAD / MLXKV_CONSTANT the
+// address spaces, named so that the CUDA prelude (mlxkv/kernels/cuda/prelude.cuh) can
+// redefine them: `device` cannot be a macro there, CUDA's __device__ expands through it.
 #ifndef MLXKV_FN
 #define MLXKV_FN inline
 #endif
 #ifndef MLXKV_TG
 #define MLXKV_TG threadgroup
 #endif
+#ifndef MLXKV_DEVICE
+#define MLXKV_DEVICE device
+#endif
+#ifndef MLXKV_THREAD
+#define MLXKV_THREAD thread
+#endif
+#ifndef MLXKV_CONSTANT
+#define MLXKV_CONSTANT constant
+#endif
 
-static constant constexpr int MLXKV_SIMD_WIDTH = 32;
+static MLXKV_CONSTANT constexpr int MLXKV_SIMD_WIDTH = 32;
 
 // In-place fast Walsh-Hadamard transform of ROWS rows of N floats in threadgroup memory,
 // done by `nthreads` threads (thread `tid`): each row <- H_N row with Sylvester ordering
@@ -42,12 +52,12 @@ MLXKV_FN void mlxkv_fwht(MLXKV_TG float* buf, uint tid, uint nthreads) {
 //   CODEC 1 E8 box (BITS bytes = one word): bit 0 = coset p, then a_0..a_6 (BITS bits each),
 //           then a_7 >> 1; value = (a_i - 2^(BITS-1) + (2p+1)/4) * scale;
 //   CODEC 2 D4 box: two 4-coordinate halves of 4*BITS-1 bits; value = (b_i - 2^(BITS-1) + 1/2) * scale.
-static constant constexpr int MLXKV_AFFINE = 0;
-static constant constexpr int MLXKV_E8 = 1;
-static constant constexpr int MLXKV_D4 = 2;
+static MLXKV_CONSTANT constexpr int MLXKV_AFFINE = 0;
+static MLXKV_CONSTANT constexpr int MLXKV_E8 = 1;
+static MLXKV_CONSTANT constexpr int MLXKV_D4 = 2;
 
 template <int BITS>
-MLXKV_FN uint mlxkv_load_word(const device uint8_t* p) {
+MLXKV_FN uint mlxkv_load_word(const MLXKV_DEVICE uint8_t* p) {
   uint w = 0;
   for (int k = 0; k < BITS; k++) {
     w |= uint(p[k]) << (8 * k);
@@ -56,7 +66,7 @@ MLXKV_FN uint mlxkv_load_word(const device uint8_t* p) {
 }
 
 template <int CODEC, int BITS>
-MLXKV_FN void mlxkv_decode8(const device uint8_t* p, float scale, float bias, thread float* x) {
+MLXKV_FN void mlxkv_decode8(const MLXKV_DEVICE uint8_t* p, float scale, float bias, MLXKV_THREAD float* x) {
   const uint mask = (1u << BITS) - 1u;
   const float mid = float(1 << (BITS - 1));
   if (CODEC == MLXKV_AFFINE) {
@@ -94,8 +104,8 @@ MLXKV_FN void mlxkv_decode8(const device uint8_t* p, float scale, float bias, th
 // ---- codec encode: exact nearest box-lattice point of 8 targets (mirrors codec/lattice.py) --
 // Cheapest single in-box move of +-STEP: first minimum over [up_0..up_{n-1}, down_0..down_{n-1}].
 template <int NC>
-MLXKV_FN float mlxkv_cheapest_move(thread float* j, thread float* tau, float step, float lo,
-                                 float hi, thread int& coord, thread float& sign) {
+MLXKV_FN float mlxkv_cheapest_move(MLXKV_THREAD float* j, MLXKV_THREAD float* tau, float step, float lo,
+                                 float hi, MLXKV_THREAD int& coord, MLXKV_THREAD float& sign) {
   float best = INFINITY;
   coord = 0;
   sign = step;
@@ -116,7 +126,7 @@ MLXKV_FN float mlxkv_cheapest_move(thread float* j, thread float* tau, float ste
 }
 
 template <int M>
-MLXKV_FN uint mlxkv_e8_encode(thread float* t) {
+MLXKV_FN uint mlxkv_e8_encode(MLXKV_THREAD float* t) {
   const float size = float(1 << M);
   float best_j[8];
   float best_cost = 0.0f;
@@ -158,7 +168,7 @@ MLXKV_FN uint mlxkv_e8_encode(thread float* t) {
 }
 
 template <int M>
-MLXKV_FN uint mlxkv_d4_encode(thread float* t) {
+MLXKV_FN uint mlxkv_d4_encode(MLXKV_THREAD float* t) {
   const float half_range = float(1 << (M - 1));
   uint word = 0;
   for (int h = 0; h < 2; h++) {
