@@ -194,3 +194,15 @@ def test_health_stats_and_metrics_name_the_backend_and_the_disabled_kernel(monke
     metrics = client.get("/metrics").text
     assert 'mlxkv_attention_backend_info{backend="reference"} 1' in metrics
     assert f'mlxkv_kernel_enabled{{kernel="{key}",state="disabled"}} 0' in metrics
+
+
+def test_without_the_extension_the_cpu_reports_the_reference(monkeypatch, model):
+    import mlxkv.attention as attention
+
+    monkeypatch.setattr(attention, "is_cpu_kernel_available", lambda: False)
+    assert selfcheck.detect_backend("auto").name == "reference"
+    _, engine = serve(model)
+    assert engine.cache_stats()["attention"]["backend"] == "reference"
+    monkeypatch.setattr(attention, "is_cpu_kernel_available", lambda: True)
+    assert selfcheck.detect_backend("auto").name == "cpu-ext"
+    assert selfcheck.detect_backend("reference").name == "reference"

@@ -41,3 +41,19 @@ def test_installed_wheel_loads_the_metal_bodies_and_the_extension(tmp_path):
     assert Path(metal_dir) == site / "mlxkv" / "_metal"
     assert ext_ok == "True" and Path(ext_file).parent == site / "mlxkv"
     assert int(size) == len((ROOT / "metal" / "paged_attention_quant.metal").read_text())
+
+
+def test_the_build_hook_warns_once_and_goes_on_when_the_extension_cannot_build(
+        tmp_path, capsys, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    try:
+        import hatch_build
+    finally:
+        sys.path.remove(str(ROOT))
+    monkeypatch.setenv("MLXKV_EXT_BUILD_DIR", str(tmp_path / "build"))
+    hook = type("Hook", (), {"target_name": "wheel", "root": str(tmp_path)})()  # no csrc/
+    build_data = {"force_include": {}, "pure_python": True}
+    hatch_build.ExtBuildHook.initialize(hook, "standard", build_data)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: mlxkv._ext not built (cmake failed")
+    assert build_data == {"force_include": {}, "pure_python": True}
