@@ -1,20 +1,20 @@
-// CPU body of PagedDecodeAttention: one work item per (sequence, kv head).
+// PagedDecodeAttention: the MLX side of the CPU paged attention (graph node, validation,
+// threads). The arithmetic lives in attend.cpp / attend_body.inc.
 //
-// A work item loads its G query heads once (pre-scaled, fp32), then walks the visible
-// blocks through the block table. Per block: scores of all G heads against each K row
-// (each row read once for the whole group), one online-softmax rescale per head, then
-// each V row read once and accumulated into the G fp32 accumulators. Nothing is copied
-// out of the pools. Items are split over std::threads when the step is large enough.
+// Inputs: q (fp32), then the K components, the V components (1 each for float pools,
+// codes/scales/biases for affine ones), block tables and sequence lengths. The output is
+// fp32 [B, H, D]; the builder casts it back to the query dtype. Work items (sequence, kv
+// head, split) go to std::threads; splits (key ranges merged afterwards) are added when
+// there are too few (sequence, kv head) pairs to keep every thread busy.
 #include "paged_attention_cpu.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <limits>
 #include <stdexcept>
 #include <thread>
 #include <vector>
 
+#include "attend.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
@@ -23,196 +23,106 @@ namespace mlxkv {
 
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int64_t kMinWorkPerThread = 1 << 20; // multiply-adds worth a thread spawn
+constexpr int64_t kMinWorkPerThread = 1 << 18; // multiply-adds worth a thread
+constexpr int kMinKeysPerSplit = 128;
 
-struct Geometry {
-  int B, H, D, KVH, G, BS, MB, NB, window;
-  float scale;
-  int64_t ks[3], vs[3]; // element strides of the pools' [NB, BS, KVH] dims
-};
-
-template <typename T>
-inline float dot(const float* q, const T* k, int D) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int i = 0; i < D; ++i) {
-    s += q[i] * static_cast<float>(k[i]);
+PoolView pool_view(RowKind kind, const mx::array* comps) {
+  PoolView p;
+  p.kind = kind;
+  const mx::array& data = comps[0];
+  p.data = data.data<void>();
+  const int64_t width = kind >= RowKind::affine4 ? 4 : 1; // affine codes: uint32 -> bytes
+  for (int i = 0; i < 3; ++i) {
+    p.s[i] = data.strides(i) * width;
   }
-  return s;
+  if (kind >= RowKind::affine4) {
+    p.scales = comps[1].data<uint16_t>();
+    p.biases = comps[2].data<uint16_t>();
+    for (int i = 0; i < 3; ++i) {
+      p.g[i] = comps[1].strides(i);
+    }
+  }
+  return p;
 }
 
-template <typename T>
-inline void axpy(float p, const T* v, float* acc, int D) {
-#pragma omp simd
-  for (int i = 0; i < D; ++i) {
-    acc[i] += p * static_cast<float>(v[i]);
-  }
+int num_components(int kind) {
+  return kind >= static_cast<int>(RowKind::affine4) ? 3 : 1;
 }
 
-// Scratch of one thread: q [G, D], acc [G, D], scores [G, BS], m [G], l [G].
-struct Scratch {
-  std::vector<float> q, acc, s, m, l;
-  explicit Scratch(const Geometry& g)
-      : q(g.G * g.D), acc(g.G * g.D), s(g.G * g.BS), m(g.G), l(g.G) {}
-};
-
-// Scores of one block's rows t0..t1 against the G heads, then the online-softmax update:
-// afterwards s holds p = exp(score - m_new) and acc, l are rescaled to m_new.
-template <typename T>
-void score_block(const Geometry& g, const T* k, int t0, int t1, Scratch& w) {
-  for (int t = t0; t < t1; ++t) {
-    const T* row = k + t * g.ks[1];
-    for (int h = 0; h < g.G; ++h) {
-      w.s[h * g.BS + t] = dot(&w.q[h * g.D], row, g.D);
-    }
+// Threads (requested, else one per core while each gets kMinWorkPerThread multiply-adds)
+// and splits (requested, else the thread count when the (b, kvh) items do not divide
+// evenly over the threads and every split keeps kMinKeysPerSplit keys).
+void plan(DecodeJob& j, int requested_threads, int requested_splits, int& threads) {
+  const int64_t pairs = static_cast<int64_t>(j.B) * j.KVH;
+  int64_t keys = 0, longest = 0;
+  for (int b = 0; b < j.B; ++b) {
+    const int64_t L = std::min(j.lens[b], j.MB * j.BS);
+    keys += L;
+    longest = std::max(longest, L);
   }
-  for (int h = 0; h < g.G; ++h) {
-    float* s = &w.s[h * g.BS];
-    float m_new = w.m[h];
-    for (int t = t0; t < t1; ++t) {
-      m_new = std::max(m_new, s[t]);
-    }
-    if (m_new > w.m[h]) {
-      float corr = w.m[h] == kNegInf ? 0.0f : std::exp(w.m[h] - m_new);
-      w.l[h] *= corr;
-      float* acc = &w.acc[h * g.D];
-      for (int i = 0; i < g.D; ++i) {
-        acc[i] *= corr;
-      }
-      w.m[h] = m_new;
-    }
-    for (int t = t0; t < t1; ++t) {
-      s[t] = std::exp(s[t] - m_new);
-      w.l[h] += s[t];
-    }
-  }
-}
-
-template <typename T>
-void attend_item(const Geometry& g, const T* q, const T* k_pool, const T* v_pool,
-                 const int32_t* tables, const int32_t* lens, T* out, int b, int kvh,
-                 Scratch& w) {
-  const int L = std::min(lens[b], g.MB * g.BS);
-  const int start = g.window > 0 ? std::max(0, L - g.window) : 0;
-  const T* qb = q + (static_cast<int64_t>(b) * g.H + kvh * g.G) * g.D;
-  for (int i = 0; i < g.G * g.D; ++i) {
-    w.q[i] = static_cast<float>(qb[i]) * g.scale;
-  }
-  std::fill(w.acc.begin(), w.acc.end(), 0.0f);
-  std::fill(w.m.begin(), w.m.end(), kNegInf);
-  std::fill(w.l.begin(), w.l.end(), 0.0f);
-  const int32_t* table = tables + static_cast<int64_t>(b) * g.MB;
-  for (int blk = start / g.BS; blk * g.BS < L; ++blk) {
-    const int32_t id = table[blk];
-    if (id < 0 || id >= g.NB) {
-      continue; // NOTE: an id outside the pool would read out of bounds; it adds nothing
-    }
-    const int t0 = std::max(start - blk * g.BS, 0);
-    const int t1 = std::min(L - blk * g.BS, g.BS);
-    const T* k = k_pool + id * g.ks[0] + kvh * g.ks[2];
-    const T* v = v_pool + id * g.vs[0] + kvh * g.vs[2];
-    score_block(g, k, t0, t1, w);
-    for (int t = t0; t < t1; ++t) {
-      const T* row = v + t * g.vs[1];
-      for (int h = 0; h < g.G; ++h) {
-        axpy(w.s[h * g.BS + t], row, &w.acc[h * g.D], g.D);
-      }
-    }
-  }
-  T* ob = out + (static_cast<int64_t>(b) * g.H + kvh * g.G) * g.D;
-  for (int h = 0; h < g.G; ++h) {
-    const float inv = w.l[h] > 0.0f ? 1.0f / w.l[h] : 0.0f;
-    for (int i = 0; i < g.D; ++i) {
-      ob[h * g.D + i] = static_cast<T>(w.acc[h * g.D + i] * inv);
-    }
-  }
-}
-
-// Threads for one call: `requested` when > 0 (capped by the work items), else one per core
-// while each gets at least kMinWorkPerThread multiply-adds.
-int pick_threads(const Geometry& g, const int32_t* lens, int requested) {
-  const int64_t items = static_cast<int64_t>(g.B) * g.KVH;
-  if (requested > 0) {
-    return static_cast<int>(std::min<int64_t>(requested, items));
-  }
-  int64_t keys = 0;
-  for (int b = 0; b < g.B; ++b) {
-    keys += std::min(lens[b], g.MB * g.BS);
-  }
-  const int64_t work = keys * g.KVH * g.G * g.D * 2;
   const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
-  return static_cast<int>(std::max<int64_t>(1, std::min({cores, items, work / kMinWorkPerThread})));
+  const int64_t work = keys * j.KVH * j.G * j.D * 2;
+  int64_t n = requested_threads > 0 ? requested_threads
+                                    : std::min(cores, std::max<int64_t>(1, work / kMinWorkPerThread));
+  int64_t s = requested_splits;
+  if (s <= 0) {
+    s = 1;
+    if (n > 1 && pairs % n != 0 && pairs < 4 * n) {
+      s = std::max<int64_t>(1, std::min<int64_t>(n, longest / kMinKeysPerSplit));
+    }
+  }
+  j.splits = static_cast<int>(s);
+  threads = static_cast<int>(std::max<int64_t>(1, std::min(n, pairs * s)));
 }
 
-template <typename T>
-void run(Geometry g, const T* q, const T* k, const T* v, const int32_t* tables,
-         const int32_t* lens, T* out, int requested_threads) {
-  const int items = g.B * g.KVH;
-  auto work = [&](int first, int last) {
-    Scratch w(g);
-    for (int i = first; i < last; ++i) {
-      attend_item(g, q, k, v, tables, lens, out, i / g.KVH, i % g.KVH, w);
-    }
-  };
-  const int n = pick_threads(g, lens, requested_threads);
-  if (n == 1) {
-    work(0, items);
-    return;
+void run_job(DecodeJob j, int requested_threads, int requested_splits) {
+  int n = 1;
+  plan(j, requested_threads, requested_splits, n);
+  const int items = j.B * j.KVH * j.splits;
+  std::vector<float> part;
+  if (j.splits > 1) {
+    part.resize(static_cast<size_t>(items) * j.G * (j.D + 2));
+    j.part = part.data();
   }
+  const int isa = best_isa();
+  auto work = [&](int t) {
+    attend_items(j, items * t / n, items * (t + 1) / n, isa);
+  };
   std::vector<std::thread> pool;
   for (int t = 1; t < n; ++t) {
-    pool.emplace_back(work, items * t / n, items * (t + 1) / n);
+    pool.emplace_back(work, t);
   }
-  work(0, items / n);
+  work(0);
   for (auto& th : pool) {
     th.join();
   }
-}
-
-Geometry make_geometry(const std::vector<mx::array>& in, float scale, int window) {
-  const auto &q = in[0], &k = in[1], &v = in[2], &tables = in[3];
-  if (k.strides(3) != 1 || v.strides(3) != 1) {
-    throw std::runtime_error("[paged_decode_attention] pools need a unit head_dim stride");
+  if (j.splits > 1) {
+    merge_splits(j, 0, j.B * j.KVH);
   }
-  Geometry g{};
-  g.B = q.shape(0), g.H = q.shape(1), g.D = q.shape(2);
-  g.NB = k.shape(0), g.BS = k.shape(1), g.KVH = k.shape(2);
-  g.G = g.H / g.KVH, g.MB = tables.shape(1), g.window = window, g.scale = scale;
-  for (int i = 0; i < 3; ++i) {
-    g.ks[i] = k.strides(i), g.vs[i] = v.strides(i);
-  }
-  return g;
-}
-
-template <typename T>
-void dispatch_typed(mx::cpu::CommandEncoder& enc, const std::vector<mx::array>& in,
-                    mx::array& out, const Geometry& g, int threads) {
-  enc.dispatch([g, threads, q = in[0].data<T>(), k = in[1].data<T>(), v = in[2].data<T>(),
-                tables = in[3].data<int32_t>(), lens = in[4].data<int32_t>(),
-                o = out.data<T>()]() { run<T>(g, q, k, v, tables, lens, o, threads); });
 }
 
 } // namespace
 
-void PagedDecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+void PagedDecodeAttention::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
-  const Geometry g = make_geometry(inputs, scale_, window_);
+  const int nk = num_components(k_kind_), nv = num_components(v_kind_);
+  const mx::array &q = in[0], &k = in[1], &tables = in[1 + nk + nv];
+  DecodeJob j;
+  j.B = q.shape(0), j.H = q.shape(1), j.D = q.shape(2);
+  j.NB = k.shape(0), j.BS = k.shape(1), j.KVH = k.shape(2);
+  j.G = j.H / j.KVH, j.MB = tables.shape(1), j.window = window_, j.scale = scale_;
+  j.q = q.data<float>();
+  j.k = pool_view(static_cast<RowKind>(k_kind_), &in[1]);
+  j.v = pool_view(static_cast<RowKind>(v_kind_), &in[1 + nk]);
+  j.tables = tables.data<int32_t>();
+  j.lens = in[2 + nk + nv].data<int32_t>();
+  j.out = out.data<float>();
   auto& enc = mx::cpu::get_command_encoder(stream());
-  for (const auto& a : inputs) {
+  for (const auto& a : in) {
     enc.set_input_array(a);
   }
   enc.set_output_array(out);
-  switch (out.dtype()) {
-    case mx::float32:
-      return dispatch_typed<float>(enc, inputs, out, g, threads_);
-    case mx::float16:
-      return dispatch_typed<mx::float16_t>(enc, inputs, out, g, threads_);
-    case mx::bfloat16:
-      return dispatch_typed<mx::bfloat16_t>(enc, inputs, out, g, threads_);
-    default:
-      throw std::runtime_error("[paged_decode_attention] float32/float16/bfloat16 only");
-  }
+  enc.dispatch([j, t = threads_, s = splits_]() { run_job(j, t, s); });
 }
 
 void PagedDecodeAttention::eval_gpu(const std::vector<mx::array>&, mx::array&) {
@@ -221,34 +131,98 @@ void PagedDecodeAttention::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 
 bool PagedDecodeAttention::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const PagedDecodeAttention&>(other);
-  return scale_ == o.scale_ && window_ == o.window_ && threads_ == o.threads_;
+  return scale_ == o.scale_ && window_ == o.window_ && threads_ == o.threads_ &&
+         splits_ == o.splits_ && k_kind_ == o.k_kind_ && v_kind_ == o.v_kind_;
 }
+
+namespace {
+
+RowKind float_kind(mx::Dtype t) {
+  if (t == mx::float32) return RowKind::f32;
+  if (t == mx::float16) return RowKind::f16;
+  if (t == mx::bfloat16) return RowKind::bf16;
+  throw std::invalid_argument("[paged_decode_attention] float32/float16/bfloat16 pools only");
+}
+
+// Every pool component [NB, BS, KVH, *] with the same first three dims and a unit last stride.
+void check_component(const mx::array& c, const mx::array& ref, int last, mx::Dtype dtype) {
+  if (c.ndim() != 4 || c.shape(0) != ref.shape(0) || c.shape(1) != ref.shape(1) ||
+      c.shape(2) != ref.shape(2) || c.shape(3) != last || c.dtype() != dtype) {
+    throw std::invalid_argument(
+        "[paged_decode_attention] pool components must be [NB, BS, KVH, *] of one layer");
+  }
+}
+
+mx::array build(const mx::array& q, std::vector<mx::array> pools, const mx::array& tables,
+                const mx::array& lens, float scale, int window, int threads, int splits,
+                RowKind kk, RowKind vk) {
+  if (q.ndim() != 3 || q.shape(1) % pools[0].shape(2) != 0) {
+    throw std::invalid_argument("[paged_decode_attention] q [B,H,D] with H % KVH == 0");
+  }
+  if (tables.ndim() != 2 || tables.shape(0) != q.shape(0) || lens.ndim() != 1 ||
+      lens.shape(0) != q.shape(0)) {
+    throw std::invalid_argument("[paged_decode_attention] block_tables [B,MB], seq_lens [B]");
+  }
+  auto s = mx::default_stream(mx::Device::cpu);
+  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(q, mx::float32, s), false, s)};
+  for (auto& p : pools) {
+    // Unit stride inside a row (a no-op for the KVStore's row-contiguous pools).
+    inputs.push_back(p.strides(3) == 1 ? p : mx::contiguous(p, false, s));
+  }
+  inputs.push_back(mx::contiguous(mx::astype(tables, mx::int32, s), false, s));
+  inputs.push_back(mx::contiguous(mx::astype(lens, mx::int32, s), false, s));
+  auto out = mx::array(q.shape(), mx::float32,
+                       std::make_shared<PagedDecodeAttention>(
+                           s, scale, window, threads, splits, static_cast<int>(kk),
+                           static_cast<int>(vk)),
+                       std::move(inputs));
+  return mx::astype(out, q.dtype(), s);
+}
+
+RowKind affine_kind(int bits) {
+  if (bits == 4) return RowKind::affine4;
+  if (bits == 8) return RowKind::affine8;
+  throw std::invalid_argument("[paged_decode_attention] affine pools of 4 or 8 bits only");
+}
+
+} // namespace
 
 mx::array paged_decode_attention(const mx::array& q, const mx::array& k_pool,
                                  const mx::array& v_pool, const mx::array& block_tables,
                                  const mx::array& seq_lens, float scale, int sliding_window,
-                                 int num_threads) {
-  if (q.ndim() != 3 || k_pool.ndim() != 4 || k_pool.shape() != v_pool.shape() ||
-      k_pool.shape(3) != q.shape(2) || q.shape(1) % k_pool.shape(2) != 0) {
+                                 int num_threads, int num_splits) {
+  if (k_pool.ndim() != 4 || k_pool.shape() != v_pool.shape() || q.ndim() != 3 ||
+      k_pool.shape(3) != q.shape(2)) {
     throw std::invalid_argument(
         "[paged_decode_attention] q [B,H,D] and pools [NB,BS,KVH,D] with H % KVH == 0");
-  }
-  if (block_tables.ndim() != 2 || block_tables.shape(0) != q.shape(0) ||
-      seq_lens.ndim() != 1 || seq_lens.shape(0) != q.shape(0)) {
-    throw std::invalid_argument("[paged_decode_attention] block_tables [B,MB], seq_lens [B]");
   }
   if (k_pool.dtype() != q.dtype() || v_pool.dtype() != q.dtype()) {
     throw std::invalid_argument("[paged_decode_attention] pools and q must share a dtype");
   }
-  auto s = mx::default_stream(mx::Device::cpu);
-  std::vector<mx::array> inputs = {
-      mx::contiguous(q, false, s), k_pool, v_pool,
-      mx::contiguous(mx::astype(block_tables, mx::int32, s), false, s),
-      mx::contiguous(mx::astype(seq_lens, mx::int32, s), false, s)};
-  return mx::array(q.shape(), q.dtype(),
-                   std::make_shared<PagedDecodeAttention>(s, scale, sliding_window,
-                                                          num_threads),
-                   std::move(inputs));
+  const RowKind kind = float_kind(q.dtype());
+  return build(q, {k_pool, v_pool}, block_tables, seq_lens, scale, sliding_window,
+               num_threads, num_splits, kind, kind);
+}
+
+mx::array paged_decode_attention_affine(
+    const mx::array& q, const mx::array& k_codes, const mx::array& k_scales,
+    const mx::array& k_biases, int k_bits, const mx::array& v_codes,
+    const mx::array& v_scales, const mx::array& v_biases, int v_bits,
+    const mx::array& block_tables, const mx::array& seq_lens, float scale,
+    int sliding_window, int num_threads, int num_splits) {
+  const RowKind kk = affine_kind(k_bits), vk = affine_kind(v_bits);
+  if (q.ndim() != 3 || q.shape(2) % 64 != 0 || k_codes.ndim() != 4) {
+    throw std::invalid_argument("[paged_decode_attention] affine pools need head_dim % 64 == 0");
+  }
+  const int D = q.shape(2);
+  check_component(k_codes, k_codes, D * k_bits / 32, mx::uint32);
+  check_component(k_scales, k_codes, D / 64, mx::float16);
+  check_component(k_biases, k_codes, D / 64, mx::float16);
+  check_component(v_codes, k_codes, D * v_bits / 32, mx::uint32);
+  check_component(v_scales, k_codes, D / 64, mx::float16);
+  check_component(v_biases, k_codes, D / 64, mx::float16);
+  return build(q, {k_codes, k_scales, k_biases, v_codes, v_scales, v_biases}, block_tables,
+               seq_lens, scale, sliding_window, num_threads, num_splits, kk, vk);
 }
 
 } // namespace mlxkv

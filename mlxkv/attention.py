@@ -19,7 +19,7 @@ from functools import partial
 
 import mlx.core as mx
 
-from mlxkv.codec.identity import IdentityCodec
+from mlxkv.codec.base import IDENTITY
 from mlxkv.inputs import BatchInputs
 from mlxkv.kernels import paged_attention_kernel, paged_attention_quant_kernel
 from mlxkv.kernels._source import is_metal_available, run_metal
@@ -45,10 +45,13 @@ def kernel_decode(q, store: KVStore, layer_id: int, tables, seq_lens, scale, win
     k_pool, v_pool = store.k_pool(layer_id), store.v_pool(layer_id)
     kw = dict(queries=q, block_tables=tables, seq_lens=seq_lens, scale=scale,
               sliding_window=window, executor=executor)
-    if isinstance(k_codec, IdentityCodec) and isinstance(v_codec, IdentityCodec):
-        if not dense_supported(q, k_pool["x"]):
+    k_layout, v_layout = k_codec.kernel_layout, v_codec.kernel_layout
+    if k_layout.kind == IDENTITY and v_layout.kind == IDENTITY:
+        k_values = k_layout.component(k_pool, "values")
+        if not dense_supported(q, k_values):
             return None
-        return paged_attention_kernel(k_pool=k_pool["x"], v_pool=v_pool["x"], **kw)
+        return paged_attention_kernel(k_pool=k_values,
+                                      v_pool=v_layout.component(v_pool, "values"), **kw)
     if not quant_supported(q, k_codec, v_codec, pool_kv_heads(k_pool)):
         return None
     return paged_attention_quant_kernel(k_pool=k_pool, v_pool=v_pool, k_codec=k_codec,

@@ -1,11 +1,13 @@
 """Paged decode attention on the CPU: the compiled MLX primitive in mlxkv._ext (csrc/).
 
-Triad: `paged_attention_cpu_kernel` (the primitive: reads the pools in place through the
-block tables, GQA groups share each K/V row, online softmax, threads over (sequence, kv
-head)), `paged_attention_ref` (the pure-mx twin in paged_attention.py, same contract) and
-the `cpu_decode` DecodeOp. The extension is optional: `scripts/build_ext.sh` builds it;
-without it (or when it fails its load-time smoke test) the CPU keeps the reference path
-and one warning says so.
+Triad: `paged_attention_cpu_kernel` / `paged_attention_quant_cpu_kernel` (the primitive:
+reads the pools in place through the block tables, GQA groups share each K/V row, online
+softmax, threads over (sequence, kv head, key split); affine codes are decoded inside the
+loop), the pure-mx twins `paged_attention_ref` / `paged_attention_quant_ref` (same
+contract) and the `cpu_decode` DecodeOp. Which pools the primitive reads is decided from
+each codec's `kernel_layout` alone. The extension is optional: `scripts/build_ext.sh`
+builds it; without it (or when it fails its load-time smoke test) the CPU keeps the
+reference path and one warning says so.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from types import ModuleType
 
 import mlx.core as mx
 
-from mlxkv.codec.identity import IdentityCodec
+from mlxkv.codec.base import AFFINE, IDENTITY, KernelLayout, KVCodec
 from mlxkv.kernels.paged_attention import check_inputs, paged_attention_ref
 from mlxkv.kv_store import KVStore
 
 log = logging.getLogger(__name__)
 SUPPORTED_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+AFFINE_BITS = (4, 8)
 
 
 @cache
@@ -50,36 +53,98 @@ def is_cpu_kernel_available() -> bool:
     return _load_ext() is not None
 
 
+def _require_ext() -> ModuleType:
+    ext = _load_ext()
+    if ext is None:
+        raise RuntimeError("mlxkv._ext is not available (scripts/build_ext.sh)")
+    return ext
+
+
 def paged_attention_cpu_kernel(*, queries, k_pool, v_pool, block_tables, seq_lens,
                                scale: float, sliding_window: int | None = None,
-                               num_threads: int = 0) -> mx.array:
-    """The primitive -> [B, H, D] (contract of paged_attention.py's module docstring).
+                               num_threads: int = 0, num_splits: int = 0) -> mx.array:
+    """The primitive over full-precision pools -> [B, H, D] (contract of paged_attention.py).
+
+    `num_threads` / `num_splits` 0 let the primitive choose (tests force them).
 
     Raises:
         RuntimeError: the extension is not available.
         ValueError: shapes or dtypes do not match the contract.
     """
-    ext = _load_ext()
-    if ext is None:
-        raise RuntimeError("mlxkv._ext is not available (scripts/build_ext.sh)")
+    ext = _require_ext()
     check_inputs(queries, k_pool, v_pool, block_tables, seq_lens)
     if queries.dtype not in SUPPORTED_DTYPES or k_pool.dtype != queries.dtype:
         raise ValueError(f"float32/float16/bfloat16 pools matching the query dtype expected, "
                          f"got {queries.dtype}, {k_pool.dtype}")
     return ext.paged_decode_attention(queries, k_pool, v_pool, block_tables, seq_lens,
                                       scale=scale, sliding_window=sliding_window or 0,
-                                      num_threads=num_threads)
+                                      num_threads=num_threads, num_splits=num_splits)
+
+
+def affine_supported(layout: KernelLayout, head_dim: int) -> bool:
+    """True for layouts the primitive decodes in place: affine, group 64, 4 or 8 bits."""
+    return (layout.kind == AFFINE and layout.group_size == 64 and layout.bits in AFFINE_BITS
+            and head_dim % 64 == 0)
+
+
+def paged_attention_quant_cpu_kernel(*, queries, k_pool, v_pool, k_codec: KVCodec,
+                                     v_codec: KVCodec, block_tables, seq_lens, scale: float,
+                                     sliding_window: int | None = None, num_threads: int = 0,
+                                     num_splits: int = 0) -> mx.array:
+    """The primitive over compressed pools (component dicts) -> [B, H, D] in the query
+    dtype; contract of `paged_attention_quant_ref`. Affine int4/int8 (group 64) only.
+
+    Raises:
+        RuntimeError: the extension is not available.
+        ValueError: a codec layout the primitive does not decode, or bad shapes.
+    """
+    ext = _require_ext()
+    kl, vl = k_codec.kernel_layout, v_codec.kernel_layout
+    D = queries.shape[-1]
+    if not (affine_supported(kl, D) and affine_supported(vl, D)):
+        raise ValueError(f"the CPU primitive decodes affine int4/int8 (group 64) pools, got "
+                         f"{k_codec.name}/{v_codec.name} at head_dim {D}")
+    if queries.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"float queries expected, got {queries.dtype}")
+    k, v = _affine_components(kl, k_pool), _affine_components(vl, v_pool)
+    return ext.paged_decode_attention_affine(
+        queries, *k, kl.bits, *v, vl.bits, block_tables, seq_lens, scale=scale,
+        sliding_window=sliding_window or 0, num_threads=num_threads, num_splits=num_splits)
+
+
+def _affine_components(layout: KernelLayout, pool) -> tuple[mx.array, mx.array, mx.array]:
+    return (layout.component(pool, "codes"), layout.component(pool, "scales"),
+            layout.component(pool, "biases"))
+
+
+@cache
+def _layer_plan(k_layout: KernelLayout, v_layout: KernelLayout, head_dim: int) -> str | None:
+    """'dense', 'affine' or None (reference) for a layer's pair of layouts."""
+    if k_layout.kind == IDENTITY and v_layout.kind == IDENTITY:
+        return "dense"
+    if affine_supported(k_layout, head_dim) and affine_supported(v_layout, head_dim):
+        return "affine"
+    return None
 
 
 def cpu_decode(q, store: KVStore, layer_id: int, tables, seq_lens, scale, window):
-    """DecodeOp over the primitive; None when the extension or the layer is not covered
-    (compressed codecs, dtype mismatch), so the reference runs."""
+    """DecodeOp over the primitive; None when the extension or the layer's layouts are not
+    covered (lattice/Lloyd codecs, dtype mismatch), so the reference runs."""
+    ext = _load_ext()
+    if ext is None or q.dtype not in SUPPORTED_DTYPES:
+        return None
     k_codec, v_codec = store.codecs[layer_id]
-    if not (isinstance(k_codec, IdentityCodec) and isinstance(v_codec, IdentityCodec)):
-        return None
-    k_pool, v_pool = store.k_pool(layer_id)["x"], store.v_pool(layer_id)["x"]
-    if _load_ext() is None or q.dtype not in SUPPORTED_DTYPES or k_pool.dtype != q.dtype:
-        return None
-    return paged_attention_cpu_kernel(queries=q, k_pool=k_pool, v_pool=v_pool,
-                                      block_tables=tables, seq_lens=seq_lens, scale=scale,
-                                      sliding_window=window)
+    kl, vl = k_codec.kernel_layout, v_codec.kernel_layout
+    plan = _layer_plan(kl, vl, q.shape[-1])
+    k_pool, v_pool = store.k_pool(layer_id), store.v_pool(layer_id)
+    if plan == "dense":
+        k, v = kl.component(k_pool, "values"), vl.component(v_pool, "values")
+        if k.dtype != q.dtype or v.dtype != q.dtype:
+            return None
+        return ext.paged_decode_attention(q, k, v, tables, seq_lens, scale=scale,
+                                          sliding_window=window or 0)
+    if plan == "affine":
+        return ext.paged_decode_attention_affine(
+            q, *_affine_components(kl, k_pool), kl.bits, *_affine_components(vl, v_pool),
+            vl.bits, tables, seq_lens, scale=scale, sliding_window=window or 0)
+    return None

@@ -14,6 +14,7 @@ import mlx.core as mx
 import pytest
 from _data import TOL, make_case, max_err
 from test_engine_kernels import run_steps
+from test_paged_attention_quant import make_quant_case
 
 from mlxkv.attention import default_decode_op
 from mlxkv.kernels.paged_attention import paged_attention_ref
@@ -21,7 +22,9 @@ from mlxkv.kernels.paged_attention_cpu import (
     cpu_decode,
     is_cpu_kernel_available,
     paged_attention_cpu_kernel,
+    paged_attention_quant_cpu_kernel,
 )
+from mlxkv.kernels.paged_attention_quant import paged_attention_quant_ref
 from mlxkv.models.tiny import make_tiny_model
 
 if importlib.util.find_spec("mlxkv._ext") is None:
@@ -72,6 +75,47 @@ def test_thread_split_does_not_change_the_result(threads):
     assert max_err(_kernel(case, num_threads=threads), paged_attention_ref(**case)) < 2e-5
 
 
+@pytest.mark.parametrize(("splits", "window"), [(2, None), (3, 50), (7, None), (16, 24)])
+def test_key_splits_merge_to_the_reference(splits, window):
+    """Key-range splits (more splits than keys included: empty splits) merge exactly."""
+    case = make_case(seq_lens=[300, 7, 0, 129, 1], num_kv_heads=2, gqa=4, head_dim=128,
+                     block_size=16, seed=splits)
+    ref = paged_attention_ref(**case, sliding_window=window)
+    for threads in (1, 3):
+        out = _kernel(case, window, num_threads=threads, num_splits=splits)
+        assert max_err(out, ref) < 2e-5
+
+
+# (k codec, v codec, dtype, head_dim, block_size, kv_heads, gqa, seq_lens, window, splits)
+AFFINE_GRID = [
+    ("int8", "int8", mx.float32, 64, 16, 2, 1, [1, 17, 40], None, 0),
+    ("int4", "int4", mx.float32, 128, 32, 1, 4, [45, 2, 0], 20, 2),
+    ("int4", "int8", mx.float32, 256, 16, 2, 3, [33, 1, 64], None, 1),
+    ("int8", "int4", mx.float16, 64, 32, 3, 2, [70, 31], 40, 3),
+    ("int4", "int4", mx.bfloat16, 128, 16, 1, 8, [19, 100], None, 0),
+    ("int8", "int8", mx.float32, 192, 16, 2, 2, [50, 9], None, 0),  # a generic head_dim
+]
+QUANT_TOL = {mx.float32: 5e-5, mx.float16: 3e-3, mx.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize("kc,vc,dtype,D,BS,KVH,G,lens,window,splits", AFFINE_GRID)
+def test_affine_kernel_matches_decode_plus_reference(kc, vc, dtype, D, BS, KVH, G, lens,
+                                                     window, splits):
+    case = make_quant_case(kc, vc, seq_lens=lens, kvh=KVH, gqa=G, D=D, BS=BS, dtype=dtype,
+                           seed=D + G)
+    ref = paged_attention_quant_ref(**case, sliding_window=window)
+    out = paged_attention_quant_cpu_kernel(**case, sliding_window=window, num_splits=splits)
+    assert out.shape == ref.shape and out.dtype == dtype
+    scale = max(1.0, float(mx.max(mx.abs(ref.astype(mx.float32)))))
+    assert max_err(out, ref) < QUANT_TOL[dtype] * scale
+
+
+def test_affine_kernel_declines_other_layouts():
+    case = make_quant_case("e8m3", "e8m3", seq_lens=[5], kvh=1, gqa=2, D=64, BS=16)
+    with pytest.raises(ValueError):
+        paged_attention_quant_cpu_kernel(**case)
+
+
 def test_empty_sequence_gives_zeros():
     case = make_case(seq_lens=[0, 9], num_kv_heads=1, gqa=2, head_dim=64, block_size=16)
     assert float(mx.max(mx.abs(_kernel(case)[0]))) == 0.0
@@ -110,16 +154,17 @@ class Counting:
 
 
 @pytest.mark.parametrize(("arch", "spec"), [("llama", "fp32"), ("gemma3_text", "fp32"),
-                                            ("llama", "int8")])
+                                            ("llama", "int8"), ("gemma3_text", "int4"),
+                                            ("llama", "e8:k4v3")])
 def test_engine_decode_through_the_primitive_matches_reference(arch, spec):
-    """Greedy decode steps: the primitive on identity layers (gemma3: sliding windows),
-    the reference on compressed ones (cpu_decode declines)."""
+    """Greedy decode steps: the primitive on identity and affine layers (gemma3: sliding
+    windows), the reference on lattice ones (cpu_decode declines)."""
     model = make_tiny_model(arch, head_dim=64, num_attention_heads=6, num_key_value_heads=2,
                             hidden_size=128)
     ref_steps, ref_tokens = run_steps(model, spec, None)
     op = Counting()
     got_steps, got_tokens = run_steps(model, spec, None, decode_op=op)
-    assert op.calls == (3 * len(model.layers) if spec == "fp32" else 0)
+    assert op.calls == (0 if spec.startswith("e8") else 3 * len(model.layers))
     for ref, got in zip(ref_steps, got_steps, strict=True):
         assert float(mx.max(mx.abs(got - ref)) / mx.max(mx.abs(ref))) < 1e-4
     assert got_tokens == ref_tokens
