@@ -13,22 +13,27 @@
 
 namespace mlxkv {
 
-// How one pool row (one token of one kv head) is stored.
+// How one pool row (one token of one kv head) is stored. Codes are little-endian; every
+// coded layout holds `bits` bytes per 8 coordinates.
 enum class RowKind : int32_t {
-  f32 = 0,     // values, float32
-  f16 = 1,     // values, IEEE half
-  bf16 = 2,    // values, bfloat16
-  affine4 = 3, // 4-bit codes (2 per byte, low nibble first) + fp16 scale/bias per 64
-  affine8 = 4, // 8-bit codes + fp16 scale/bias per group of 64
+  f32 = 0,    // values, float32
+  f16 = 1,    // values, IEEE half
+  bf16 = 2,   // values, bfloat16
+  affine = 3, // mx.quantize codes (bits 4/8) + fp16 scale and bias per group of 64
+  e8 = 4,     // E8 box codes (m = bits 2..4) x one fp16 scale, rotated domain
+  d4 = 5,     // D4 box codes (m = 2..4) x one fp16 scale, rotated domain
+  lloyd = 6,  // Lloyd-Max level indices (bits 2..4) x one fp16 scale, rotated domain
 };
 
 struct PoolView {
   RowKind kind = RowKind::f32;
-  const void* data = nullptr;      // values, or affine codes (bytes)
-  const uint16_t* scales = nullptr; // affine: fp16 [.., D/64]
+  int bits = 0;
+  const void* data = nullptr;       // values, or codes (bytes)
+  const uint16_t* scales = nullptr; // coded layouts: fp16 [.., D/64] (affine) or [.., 1]
   const uint16_t* biases = nullptr; // affine: fp16 [.., D/64]
-  int64_t s[3] = {0, 0, 0};        // element strides of data's [NB, BS, KVH] dims
-  int64_t g[3] = {0, 0, 0};        // element strides of scales'/biases' [NB, BS, KVH] dims
+  const float* levels = nullptr;    // lloyd: [2^bits] ascending
+  int64_t s[3] = {0, 0, 0};         // element strides of data's [NB, BS, KVH] dims
+  int64_t g[3] = {0, 0, 0};         // element strides of scales'/biases' [NB, BS, KVH] dims
 };
 
 struct DecodeJob {

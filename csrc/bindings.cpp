@@ -1,5 +1,8 @@
 // nanobind module mlxkv._ext: the CPU paged decode attention primitive.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include "attend.h"
 #include "paged_attention_cpu.h"
@@ -14,11 +17,13 @@ NB_MODULE(_ext, m) {
         "v_pool"_a, "block_tables"_a, "seq_lens"_a, nb::kw_only(), "scale"_a,
         "sliding_window"_a = 0, "num_threads"_a = 0, "num_splits"_a = 0,
         "Paged decode attention over full-precision pools -> [B, H, D] (CPU stream).");
-  m.def("paged_decode_attention_affine", &mlxkv::paged_decode_attention_affine, "queries"_a,
-        "k_codes"_a, "k_scales"_a, "k_biases"_a, "k_bits"_a, "v_codes"_a, "v_scales"_a,
-        "v_biases"_a, "v_bits"_a, "block_tables"_a, "seq_lens"_a, nb::kw_only(), "scale"_a,
-        "sliding_window"_a = 0, "num_threads"_a = 0, "num_splits"_a = 0,
-        "Paged decode attention over affine int4/int8 (group 64) pools -> [B, H, D].");
+  m.def("paged_decode_attention_packed", &mlxkv::paged_decode_attention_packed, "queries"_a,
+        "k_components"_a, "k_kind"_a, "k_bits"_a, "v_components"_a, "v_kind"_a, "v_bits"_a,
+        "block_tables"_a, "seq_lens"_a, nb::kw_only(), "scale"_a, "sliding_window"_a = 0,
+        "k_rotation"_a = nb::none(), "v_rotation"_a = nb::none(), "num_threads"_a = 0,
+        "num_splits"_a = 0,
+        "Paged decode attention over any pair of pool layouts (identity, affine, e8, d4, "
+        "lloyd), codes decoded in place -> [B, H, D].");
   m.def("simd_level", &mlxkv::best_isa,
         "1 when the AVX2+FMA build of the kernels runs on this CPU, 0 for the portable one.");
 }

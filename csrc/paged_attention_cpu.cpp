@@ -10,7 +10,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -26,27 +28,43 @@ namespace {
 constexpr int64_t kMinWorkPerThread = 1 << 18; // multiply-adds worth a thread
 constexpr int kMinKeysPerSplit = 128;
 
-PoolView pool_view(RowKind kind, const mx::array* comps) {
+// Components per layout: values | codes, scales, biases (affine) | codes, scales (e8, d4) |
+// codes, scales, levels (lloyd).
+int num_components(RowKind kind) {
+  switch (kind) {
+    case RowKind::affine:
+    case RowKind::lloyd:
+      return 3;
+    case RowKind::e8:
+    case RowKind::d4:
+      return 2;
+    default:
+      return 1;
+  }
+}
+
+PoolView pool_view(RowKind kind, int bits, const mx::array* comps) {
   PoolView p;
-  p.kind = kind;
+  p.kind = kind, p.bits = bits;
   const mx::array& data = comps[0];
   p.data = data.data<void>();
-  const int64_t width = kind >= RowKind::affine4 ? 4 : 1; // affine codes: uint32 -> bytes
+  const int64_t width = kind == RowKind::affine ? 4 : 1; // affine codes: uint32 -> bytes
   for (int i = 0; i < 3; ++i) {
     p.s[i] = data.strides(i) * width;
   }
-  if (kind >= RowKind::affine4) {
+  if (kind >= RowKind::affine) {
     p.scales = comps[1].data<uint16_t>();
-    p.biases = comps[2].data<uint16_t>();
     for (int i = 0; i < 3; ++i) {
       p.g[i] = comps[1].strides(i);
     }
   }
+  if (kind == RowKind::affine) {
+    p.biases = comps[2].data<uint16_t>(); // same shape (and strides) as the scales
+  }
+  if (kind == RowKind::lloyd) {
+    p.levels = comps[2].data<float>();
+  }
   return p;
-}
-
-int num_components(int kind) {
-  return kind >= static_cast<int>(RowKind::affine4) ? 3 : 1;
 }
 
 // Threads (requested, else one per core while each gets kMinWorkPerThread multiply-adds)
@@ -105,15 +123,16 @@ void run_job(DecodeJob j, int requested_threads, int requested_splits) {
 
 void PagedDecodeAttention::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
-  const int nk = num_components(k_kind_), nv = num_components(v_kind_);
+  const RowKind kk = static_cast<RowKind>(k_kind_), vk = static_cast<RowKind>(v_kind_);
+  const int nk = num_components(kk), nv = num_components(vk);
   const mx::array &q = in[0], &k = in[1], &tables = in[1 + nk + nv];
   DecodeJob j;
   j.B = q.shape(0), j.H = q.shape(1), j.D = q.shape(2);
   j.NB = k.shape(0), j.BS = k.shape(1), j.KVH = k.shape(2);
   j.G = j.H / j.KVH, j.MB = tables.shape(1), j.window = window_, j.scale = scale_;
   j.q = q.data<float>();
-  j.k = pool_view(static_cast<RowKind>(k_kind_), &in[1]);
-  j.v = pool_view(static_cast<RowKind>(v_kind_), &in[1 + nk]);
+  j.k = pool_view(kk, k_bits_, &in[1]);
+  j.v = pool_view(vk, v_bits_, &in[1 + nk]);
   j.tables = tables.data<int32_t>();
   j.lens = in[2 + nk + nv].data<int32_t>();
   j.out = out.data<float>();
@@ -132,7 +151,8 @@ void PagedDecodeAttention::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 bool PagedDecodeAttention::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const PagedDecodeAttention&>(other);
   return scale_ == o.scale_ && window_ == o.window_ && threads_ == o.threads_ &&
-         splits_ == o.splits_ && k_kind_ == o.k_kind_ && v_kind_ == o.v_kind_;
+         splits_ == o.splits_ && k_kind_ == o.k_kind_ && k_bits_ == o.k_bits_ &&
+         v_kind_ == o.v_kind_ && v_bits_ == o.v_bits_;
 }
 
 namespace {
@@ -141,88 +161,117 @@ RowKind float_kind(mx::Dtype t) {
   if (t == mx::float32) return RowKind::f32;
   if (t == mx::float16) return RowKind::f16;
   if (t == mx::bfloat16) return RowKind::bf16;
-  throw std::invalid_argument("[paged_decode_attention] float32/float16/bfloat16 pools only");
+  throw std::invalid_argument("[paged_decode_attention] float32/float16/bfloat16 values only");
 }
 
-// Every pool component [NB, BS, KVH, *] with the same first three dims and a unit last stride.
-void check_component(const mx::array& c, const mx::array& ref, int last, mx::Dtype dtype) {
-  if (c.ndim() != 4 || c.shape(0) != ref.shape(0) || c.shape(1) != ref.shape(1) ||
-      c.shape(2) != ref.shape(2) || c.shape(3) != last || c.dtype() != dtype) {
-    throw std::invalid_argument(
-        "[paged_decode_attention] pool components must be [NB, BS, KVH, *] of one layer");
+[[noreturn]] void bad(const std::string& what) {
+  throw std::invalid_argument("[paged_decode_attention] " + what);
+}
+
+// One pool component [NB, BS, KVH, last] of `dtype` sharing the first component's dims.
+void check_component(const mx::array& c, const mx::array& first, int last, mx::Dtype dtype,
+                     const char* what) {
+  if (c.ndim() != 4 || c.shape(0) != first.shape(0) || c.shape(1) != first.shape(1) ||
+      c.shape(2) != first.shape(2) || c.shape(3) != last || c.dtype() != dtype) {
+    bad(std::string(what) + " must be [NB, BS, KVH, " + std::to_string(last) +
+        "] of the layer's pools with the layout's dtype");
   }
 }
 
-mx::array build(const mx::array& q, std::vector<mx::array> pools, const mx::array& tables,
-                const mx::array& lens, float scale, int window, int threads, int splits,
-                RowKind kk, RowKind vk) {
-  if (q.ndim() != 3 || q.shape(1) % pools[0].shape(2) != 0) {
-    throw std::invalid_argument("[paged_decode_attention] q [B,H,D] with H % KVH == 0");
+// The row kind of a (layout kind, bits, components) triple, validated against head_dim D.
+RowKind check_pool(const std::string& kind, int bits, const std::vector<mx::array>& c, int D) {
+  if (c.empty() || c[0].ndim() != 4) {
+    bad("pool components [NB, BS, KVH, *] expected");
   }
+  auto need = [&](size_t n) {
+    if (c.size() != n) bad(kind + " pools have " + std::to_string(n) + " components");
+  };
+  if (kind == "identity") {
+    need(1);
+    check_component(c[0], c[0], D, c[0].dtype(), "values");
+    return float_kind(c[0].dtype());
+  }
+  if (kind == "affine") {
+    need(3);
+    if ((bits != 4 && bits != 8) || D % 64) bad("affine pools: 4 or 8 bits, head_dim % 64 == 0");
+    check_component(c[0], c[0], D * bits / 32, mx::uint32, "affine codes");
+    check_component(c[1], c[0], D / 64, mx::float16, "affine scales");
+    check_component(c[2], c[0], D / 64, mx::float16, "affine biases");
+    return RowKind::affine;
+  }
+  const RowKind rk = kind == "e8" ? RowKind::e8 : kind == "d4" ? RowKind::d4 : RowKind::lloyd;
+  if (kind != "e8" && kind != "d4" && kind != "lloyd") bad("unknown layout kind " + kind);
+  if (bits < 2 || bits > 4 || D % 8) bad(kind + " pools: 2..4 bits, head_dim % 8 == 0");
+  need(rk == RowKind::lloyd ? 3 : 2);
+  check_component(c[0], c[0], D / 8 * bits, mx::uint8, "codes");
+  check_component(c[1], c[0], 1, mx::float16, "scales");
+  if (rk == RowKind::lloyd && (c[2].size() != (size_t{1} << bits) || c[2].dtype() != mx::float32)) {
+    bad("lloyd levels must be float32 [2^bits]");
+  }
+  return rk;
+}
+
+mx::array rotation(const std::optional<mx::array>& r, int D, mx::StreamOrDevice s) {
+  if (r->shape() != mx::Shape{D, D}) bad("rotations must be [head_dim, head_dim]");
+  return mx::astype(*r, mx::float32, s);
+}
+
+} // namespace
+
+mx::array paged_decode_attention_packed(
+    const mx::array& q, const std::vector<mx::array>& k_comps, const std::string& k_kind,
+    int k_bits, const std::vector<mx::array>& v_comps, const std::string& v_kind, int v_bits,
+    const mx::array& tables, const mx::array& lens, float scale, int window,
+    const std::optional<mx::array>& k_rotation, const std::optional<mx::array>& v_rotation,
+    int threads, int splits) {
+  if (q.ndim() != 3) bad("q [B, H, D] expected");
+  const int D = q.shape(2);
+  const RowKind kk = check_pool(k_kind, k_bits, k_comps, D);
+  const RowKind vk = check_pool(v_kind, v_bits, v_comps, D);
+  const mx::array &k0 = k_comps[0], &v0 = v_comps[0];
+  if (k0.shape(0) != v0.shape(0) || k0.shape(1) != v0.shape(1) || k0.shape(2) != v0.shape(2)) {
+    bad("K and V pools must share [NB, BS, KVH]");
+  }
+  if (q.shape(1) % k0.shape(2) != 0) bad("H must be a multiple of the pools' KVH");
   if (tables.ndim() != 2 || tables.shape(0) != q.shape(0) || lens.ndim() != 1 ||
       lens.shape(0) != q.shape(0)) {
-    throw std::invalid_argument("[paged_decode_attention] block_tables [B,MB], seq_lens [B]");
+    bad("block_tables [B, MB] and seq_lens [B] expected");
   }
   auto s = mx::default_stream(mx::Device::cpu);
-  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(q, mx::float32, s), false, s)};
-  for (auto& p : pools) {
-    // Unit stride inside a row (a no-op for the KVStore's row-contiguous pools).
-    inputs.push_back(p.strides(3) == 1 ? p : mx::contiguous(p, false, s));
+  mx::array q32 = mx::astype(q, mx::float32, s);
+  if (k_rotation) {
+    q32 = mx::matmul(q32, mx::transpose(rotation(k_rotation, D, s), s), s);
+  }
+  std::vector<mx::array> inputs = {mx::contiguous(q32, false, s)};
+  for (const auto* comps : {&k_comps, &v_comps}) {
+    for (const auto& c : *comps) {
+      // Unit stride inside a row (a no-op for the KVStore's row-contiguous pools).
+      inputs.push_back(c.ndim() == 4 && c.strides(3) == 1 ? c : mx::contiguous(c, false, s));
+    }
   }
   inputs.push_back(mx::contiguous(mx::astype(tables, mx::int32, s), false, s));
   inputs.push_back(mx::contiguous(mx::astype(lens, mx::int32, s), false, s));
   auto out = mx::array(q.shape(), mx::float32,
                        std::make_shared<PagedDecodeAttention>(
-                           s, scale, window, threads, splits, static_cast<int>(kk),
-                           static_cast<int>(vk)),
+                           s, scale, window, threads, splits, static_cast<int>(kk), k_bits,
+                           static_cast<int>(vk), v_bits),
                        std::move(inputs));
+  if (v_rotation) {
+    out = mx::matmul(out, rotation(v_rotation, D, s), s);
+  }
   return mx::astype(out, q.dtype(), s);
 }
-
-RowKind affine_kind(int bits) {
-  if (bits == 4) return RowKind::affine4;
-  if (bits == 8) return RowKind::affine8;
-  throw std::invalid_argument("[paged_decode_attention] affine pools of 4 or 8 bits only");
-}
-
-} // namespace
 
 mx::array paged_decode_attention(const mx::array& q, const mx::array& k_pool,
                                  const mx::array& v_pool, const mx::array& block_tables,
                                  const mx::array& seq_lens, float scale, int sliding_window,
                                  int num_threads, int num_splits) {
-  if (k_pool.ndim() != 4 || k_pool.shape() != v_pool.shape() || q.ndim() != 3 ||
-      k_pool.shape(3) != q.shape(2)) {
-    throw std::invalid_argument(
-        "[paged_decode_attention] q [B,H,D] and pools [NB,BS,KVH,D] with H % KVH == 0");
-  }
   if (k_pool.dtype() != q.dtype() || v_pool.dtype() != q.dtype()) {
-    throw std::invalid_argument("[paged_decode_attention] pools and q must share a dtype");
+    bad("pools and q must share a dtype");
   }
-  const RowKind kind = float_kind(q.dtype());
-  return build(q, {k_pool, v_pool}, block_tables, seq_lens, scale, sliding_window,
-               num_threads, num_splits, kind, kind);
-}
-
-mx::array paged_decode_attention_affine(
-    const mx::array& q, const mx::array& k_codes, const mx::array& k_scales,
-    const mx::array& k_biases, int k_bits, const mx::array& v_codes,
-    const mx::array& v_scales, const mx::array& v_biases, int v_bits,
-    const mx::array& block_tables, const mx::array& seq_lens, float scale,
-    int sliding_window, int num_threads, int num_splits) {
-  const RowKind kk = affine_kind(k_bits), vk = affine_kind(v_bits);
-  if (q.ndim() != 3 || q.shape(2) % 64 != 0 || k_codes.ndim() != 4) {
-    throw std::invalid_argument("[paged_decode_attention] affine pools need head_dim % 64 == 0");
-  }
-  const int D = q.shape(2);
-  check_component(k_codes, k_codes, D * k_bits / 32, mx::uint32);
-  check_component(k_scales, k_codes, D / 64, mx::float16);
-  check_component(k_biases, k_codes, D / 64, mx::float16);
-  check_component(v_codes, k_codes, D * v_bits / 32, mx::uint32);
-  check_component(v_scales, k_codes, D / 64, mx::float16);
-  check_component(v_biases, k_codes, D / 64, mx::float16);
-  return build(q, {k_codes, k_scales, k_biases, v_codes, v_scales, v_biases}, block_tables,
-               seq_lens, scale, sliding_window, num_threads, num_splits, kk, vk);
+  return paged_decode_attention_packed(q, {k_pool}, "identity", 0, {v_pool}, "identity", 0,
+                                       block_tables, seq_lens, scale, sliding_window,
+                                       std::nullopt, std::nullopt, num_threads, num_splits);
 }
 
 } // namespace mlxkv

@@ -1,14 +1,19 @@
 // Paged decode attention over K/V pools, as an MLX primitive (CPU only).
 //
 //   q            [B, H, D]          one decode query per sequence, H = KVH * G
-//   K / V pools  [NB, BS, KVH, *]   one layer's pools, read in place through the tables:
-//                                   float32/float16/bfloat16 values [.., D], or affine
-//                                   codes [.., D*bits/32] uint32 + fp16 scales/biases [.., D/64]
+//   K / V pools  [NB, BS, KVH, *]   one layer's pool components, read in place through the
+//                                   tables: float values [.., D], affine codes [.., D*bits/32]
+//                                   uint32 + fp16 scales/biases [.., D/64], or lattice/Lloyd
+//                                   codes [.., D/8*bits] uint8 + fp16 scale [.., 1]
 //   block_tables [B, MB] int32      block ids; entries past a sequence's blocks are ignored
 //   seq_lens     [B] int32          keys 0..L-1 are visible (the query sits at L-1)
 //   sliding_window W (0: none)      only keys j >= L - W are visible
 //   -> [B, H, D] in q's dtype; L = 0 yields zeros.
 #pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
 
 #include "mlx/array.h"
 #include "mlx/primitives.h"
@@ -24,26 +29,31 @@ mx::array paged_decode_attention(const mx::array& q, const mx::array& k_pool,
                                  const mx::array& seq_lens, float scale, int sliding_window,
                                  int num_threads, int num_splits);
 
-// Affine (mx.quantize, group 64) pools of 4 or 8 bits, decoded inside the kernel.
-mx::array paged_decode_attention_affine(
-    const mx::array& q, const mx::array& k_codes, const mx::array& k_scales,
-    const mx::array& k_biases, int k_bits, const mx::array& v_codes,
-    const mx::array& v_scales, const mx::array& v_biases, int v_bits,
-    const mx::array& block_tables, const mx::array& seq_lens, float scale,
-    int sliding_window, int num_threads, int num_splits);
+// Any pair of layouts: `kind` is a KernelLayout kind ("identity", "affine", "e8", "d4",
+// "lloyd"), `comps` its components in role order (values | codes, scales[, biases |
+// levels]). Rotated layouts decode to the rotated domain: q is multiplied by k_rotation^T
+// first and the output by v_rotation after (R [D, D], rotated = x @ R^T).
+mx::array paged_decode_attention_packed(
+    const mx::array& q, const std::vector<mx::array>& k_comps, const std::string& k_kind,
+    int k_bits, const std::vector<mx::array>& v_comps, const std::string& v_kind, int v_bits,
+    const mx::array& block_tables, const mx::array& seq_lens, float scale, int sliding_window,
+    const std::optional<mx::array>& k_rotation, const std::optional<mx::array>& v_rotation,
+    int num_threads, int num_splits);
 
 class PagedDecodeAttention : public mx::UnaryPrimitive {
  public:
-  // k_kind / v_kind: mlxkv::RowKind values (attend.h).
+  // k_kind / v_kind: mlxkv::RowKind values (attend.h); *_bits their code widths.
   PagedDecodeAttention(mx::Stream stream, float scale, int window, int threads, int splits,
-                       int k_kind, int v_kind)
+                       int k_kind, int k_bits, int v_kind, int v_bits)
       : mx::UnaryPrimitive(stream),
         scale_(scale),
         window_(window),
         threads_(threads),
         splits_(splits),
         k_kind_(k_kind),
-        v_kind_(v_kind) {}
+        k_bits_(k_bits),
+        v_kind_(v_kind),
+        v_bits_(v_bits) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -54,7 +64,7 @@ class PagedDecodeAttention : public mx::UnaryPrimitive {
 
  private:
   float scale_;
-  int window_, threads_, splits_, k_kind_, v_kind_;
+  int window_, threads_, splits_, k_kind_, k_bits_, v_kind_, v_bits_;
 };
 
 } // namespace mlxkv

@@ -2,8 +2,8 @@
 
 Triad: `paged_attention_cpu_kernel` / `paged_attention_quant_cpu_kernel` (the primitive:
 reads the pools in place through the block tables, GQA groups share each K/V row, online
-softmax, threads over (sequence, kv head, key split); affine codes are decoded inside the
-loop), the pure-mx twins `paged_attention_ref` / `paged_attention_quant_ref` (same
+softmax, threads over (sequence, kv head, key split); affine, E8/D4 and Lloyd codes are
+decoded inside the loop, rotated layouts in the rotated domain), the pure-mx twins `paged_attention_ref` / `paged_attention_quant_ref` (same
 contract) and the `cpu_decode` DecodeOp. Which pools the primitive reads is decided from
 each codec's `kernel_layout` alone. The extension is optional: `scripts/build_ext.sh`
 builds it; without it (or when it fails its load-time smoke test) the CPU keeps the
@@ -19,13 +19,13 @@ from types import ModuleType
 
 import mlx.core as mx
 
-from mlxkv.codec.base import AFFINE, IDENTITY, KernelLayout, KVCodec
+from mlxkv.codec.base import AFFINE, D4, E8, IDENTITY, LLOYD, KernelLayout, KVCodec
+from mlxkv.codec.rotation import rotation_matrix
 from mlxkv.kernels.paged_attention import check_inputs, paged_attention_ref
 from mlxkv.kv_store import KVStore
 
 log = logging.getLogger(__name__)
 SUPPORTED_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
-AFFINE_BITS = (4, 8)
 
 
 @cache
@@ -81,10 +81,46 @@ def paged_attention_cpu_kernel(*, queries, k_pool, v_pool, block_tables, seq_len
                                       num_threads=num_threads, num_splits=num_splits)
 
 
-def affine_supported(layout: KernelLayout, head_dim: int) -> bool:
-    """True for layouts the primitive decodes in place: affine, group 64, 4 or 8 bits."""
-    return (layout.kind == AFFINE and layout.group_size == 64 and layout.bits in AFFINE_BITS
-            and head_dim % 64 == 0)
+def layout_supported(layout: KernelLayout, head_dim: int) -> bool:
+    """True for layouts the primitive decodes in place: identity, affine (group 64, 4 or 8
+    bits), E8/D4 box codes and Lloyd-Max levels at 2..4 bits."""
+    if layout.kind == IDENTITY:
+        return True
+    if layout.kind == AFFINE:
+        return layout.group_size == 64 and layout.bits in (4, 8) and head_dim % 64 == 0
+    return layout.kind in (E8, D4, LLOYD) and layout.bits in (2, 3, 4) and head_dim % 8 == 0
+
+
+def _components(layout: KernelLayout, pool) -> list[mx.array]:
+    """The pool's components in the primitive's role order (+ Lloyd's levels)."""
+    roles = {IDENTITY: ("values",), AFFINE: ("codes", "scales", "biases")}.get(
+        layout.kind, ("codes", "scales"))
+    comps = [layout.component(pool, role) for role in roles]
+    if layout.kind == LLOYD:
+        comps.append(_levels(layout.levels))
+    return comps
+
+
+@cache
+def _levels(levels: tuple[float, ...]) -> mx.array:
+    return mx.array(levels, dtype=mx.float32)
+
+
+@cache
+def _rotation(head_dim: int, seed: int) -> mx.array:
+    return rotation_matrix(head_dim, seed)
+
+
+def _packed_call(ext, queries, k_layout, k_pool, v_layout, v_pool, block_tables, seq_lens,
+                 scale, sliding_window, **kw) -> mx.array:
+    D = queries.shape[-1]
+    k_rot = _rotation(D, k_layout.rotation_seed) if k_layout.rotated else None
+    v_rot = _rotation(D, v_layout.rotation_seed) if v_layout.rotated else None
+    return ext.paged_decode_attention_packed(
+        queries, _components(k_layout, k_pool), k_layout.kind, k_layout.bits,
+        _components(v_layout, v_pool), v_layout.kind, v_layout.bits, block_tables, seq_lens,
+        scale=scale, sliding_window=sliding_window or 0, k_rotation=k_rot, v_rotation=v_rot,
+        **kw)
 
 
 def paged_attention_quant_cpu_kernel(*, queries, k_pool, v_pool, k_codec: KVCodec,
@@ -92,7 +128,8 @@ def paged_attention_quant_cpu_kernel(*, queries, k_pool, v_pool, k_codec: KVCode
                                      sliding_window: int | None = None, num_threads: int = 0,
                                      num_splits: int = 0) -> mx.array:
     """The primitive over compressed pools (component dicts) -> [B, H, D] in the query
-    dtype; contract of `paged_attention_quant_ref`. Affine int4/int8 (group 64) only.
+    dtype; contract of `paged_attention_quant_ref`. Rotated layouts: the query is rotated
+    once, V is accumulated in the rotated domain and the output un-rotated once.
 
     Raises:
         RuntimeError: the extension is not available.
@@ -101,35 +138,29 @@ def paged_attention_quant_cpu_kernel(*, queries, k_pool, v_pool, k_codec: KVCode
     ext = _require_ext()
     kl, vl = k_codec.kernel_layout, v_codec.kernel_layout
     D = queries.shape[-1]
-    if not (affine_supported(kl, D) and affine_supported(vl, D)):
-        raise ValueError(f"the CPU primitive decodes affine int4/int8 (group 64) pools, got "
-                         f"{k_codec.name}/{v_codec.name} at head_dim {D}")
+    if not (layout_supported(kl, D) and layout_supported(vl, D)):
+        raise ValueError(f"the CPU primitive does not decode {k_codec.name}/{v_codec.name} "
+                         f"at head_dim {D}")
     if queries.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"float queries expected, got {queries.dtype}")
-    k, v = _affine_components(kl, k_pool), _affine_components(vl, v_pool)
-    return ext.paged_decode_attention_affine(
-        queries, *k, kl.bits, *v, vl.bits, block_tables, seq_lens, scale=scale,
-        sliding_window=sliding_window or 0, num_threads=num_threads, num_splits=num_splits)
-
-
-def _affine_components(layout: KernelLayout, pool) -> tuple[mx.array, mx.array, mx.array]:
-    return (layout.component(pool, "codes"), layout.component(pool, "scales"),
-            layout.component(pool, "biases"))
+    return _packed_call(ext, queries, kl, k_pool, vl, v_pool, block_tables, seq_lens, scale,
+                        sliding_window, num_threads=num_threads, num_splits=num_splits)
 
 
 @cache
 def _layer_plan(k_layout: KernelLayout, v_layout: KernelLayout, head_dim: int) -> str | None:
-    """'dense', 'affine' or None (reference) for a layer's pair of layouts."""
+    """'dense', 'packed' or None (reference) for a layer's pair of layouts."""
     if k_layout.kind == IDENTITY and v_layout.kind == IDENTITY:
         return "dense"
-    if affine_supported(k_layout, head_dim) and affine_supported(v_layout, head_dim):
-        return "affine"
+    if layout_supported(k_layout, head_dim) and layout_supported(v_layout, head_dim):
+        return "packed"
     return None
 
 
 def cpu_decode(q, store: KVStore, layer_id: int, tables, seq_lens, scale, window):
     """DecodeOp over the primitive; None when the extension or the layer's layouts are not
-    covered (lattice/Lloyd codecs, dtype mismatch), so the reference runs."""
+    covered (a layout kind or bit rate it does not decode, dtype mismatch), so the
+    reference runs."""
     ext = _load_ext()
     if ext is None or q.dtype not in SUPPORTED_DTYPES:
         return None
@@ -143,8 +174,6 @@ def cpu_decode(q, store: KVStore, layer_id: int, tables, seq_lens, scale, window
             return None
         return ext.paged_decode_attention(q, k, v, tables, seq_lens, scale=scale,
                                           sliding_window=window or 0)
-    if plan == "affine":
-        return ext.paged_decode_attention_affine(
-            q, *_affine_components(kl, k_pool), kl.bits, *_affine_components(vl, v_pool),
-            vl.bits, tables, seq_lens, scale=scale, sliding_window=window or 0)
+    if plan == "packed":
+        return _packed_call(ext, q, kl, k_pool, vl, v_pool, tables, seq_lens, scale, window)
     return None

@@ -17,6 +17,8 @@ from test_engine_kernels import run_steps
 from test_paged_attention_quant import make_quant_case
 
 from mlxkv.attention import default_decode_op
+from mlxkv.codec import get_codec
+from mlxkv.codec.base import AFFINE, KernelLayout
 from mlxkv.kernels.paged_attention import paged_attention_ref
 from mlxkv.kernels.paged_attention_cpu import (
     cpu_decode,
@@ -87,20 +89,31 @@ def test_key_splits_merge_to_the_reference(splits, window):
 
 
 # (k codec, v codec, dtype, head_dim, block_size, kv_heads, gqa, seq_lens, window, splits)
-AFFINE_GRID = [
+QUANT_GRID = [
     ("int8", "int8", mx.float32, 64, 16, 2, 1, [1, 17, 40], None, 0),
     ("int4", "int4", mx.float32, 128, 32, 1, 4, [45, 2, 0], 20, 2),
     ("int4", "int8", mx.float32, 256, 16, 2, 3, [33, 1, 64], None, 1),
     ("int8", "int4", mx.float16, 64, 32, 3, 2, [70, 31], 40, 3),
     ("int4", "int4", mx.bfloat16, 128, 16, 1, 8, [19, 100], None, 0),
     ("int8", "int8", mx.float32, 192, 16, 2, 2, [50, 9], None, 0),  # a generic head_dim
+    ("e8m4", "e8m4", mx.float32, 64, 16, 3, 3, [40, 17, 1], None, 0),
+    ("e8m4", "e8m3", mx.float32, 128, 16, 2, 3, [33, 1, 64], None, 1),
+    ("e8m2", "e8m2", mx.float32, 256, 16, 1, 8, [50, 17], None, 2),
+    ("d4m3", "d4m2", mx.float32, 64, 32, 2, 4, [0, 70], None, 3),
+    ("d4m4", "d4m4", mx.float16, 256, 32, 1, 1, [31, 65], 40, 1),
+    ("e8m3", "e8m2", mx.bfloat16, 64, 16, 1, 3, [19, 5], None, 2),
+    ("lloydm4", "lloydm3", mx.float32, 128, 16, 2, 2, [47, 3], 24, 0),
+    ("lloydm2", "lloydm2", mx.float32, 64, 32, 1, 4, [90], None, 2),
+    ("int4", "e8m3", mx.float32, 128, 16, 1, 2, [23, 40], None, 0),  # independent K/V codecs
+    ("e8m4", "int8", mx.float32, 64, 16, 2, 2, [23, 40], 30, 0),
+    ("fp32", "e8m4", mx.float32, 64, 16, 2, 2, [23, 40], None, 0),   # fp K, rotated V
 ]
 QUANT_TOL = {mx.float32: 5e-5, mx.float16: 3e-3, mx.bfloat16: 3e-2}
 
 
-@pytest.mark.parametrize("kc,vc,dtype,D,BS,KVH,G,lens,window,splits", AFFINE_GRID)
-def test_affine_kernel_matches_decode_plus_reference(kc, vc, dtype, D, BS, KVH, G, lens,
-                                                     window, splits):
+@pytest.mark.parametrize("kc,vc,dtype,D,BS,KVH,G,lens,window,splits", QUANT_GRID)
+def test_quant_kernel_matches_decode_plus_reference(kc, vc, dtype, D, BS, KVH, G, lens,
+                                                    window, splits):
     case = make_quant_case(kc, vc, seq_lens=lens, kvh=KVH, gqa=G, D=D, BS=BS, dtype=dtype,
                            seed=D + G)
     ref = paged_attention_quant_ref(**case, sliding_window=window)
@@ -110,10 +123,24 @@ def test_affine_kernel_matches_decode_plus_reference(kc, vc, dtype, D, BS, KVH, 
     assert max_err(out, ref) < QUANT_TOL[dtype] * scale
 
 
-def test_affine_kernel_declines_other_layouts():
-    case = make_quant_case("e8m3", "e8m3", seq_lens=[5], kvh=1, gqa=2, D=64, BS=16)
+def test_planted_wrong_codes_are_caught():
+    """The comparison can fail: the same codes read with V's seed for K (a wrong query
+    rotation), or as D4 instead of E8, give a different answer."""
+    case = make_quant_case("e8m4", "e8m4", seq_lens=[40, 17], kvh=2, gqa=2, D=64, BS=16)
+    ref = paged_attention_quant_ref(**case)
+    assert max_err(paged_attention_quant_cpu_kernel(**case), ref) < 5e-5
+    wrong_seed = {**case, "k_codec": case["v_codec"]}
+    assert max_err(paged_attention_quant_cpu_kernel(**wrong_seed), ref) > 1e-2
+    as_d4 = {**case, "k_codec": get_codec("d4m4", seed=0)}
+    assert max_err(paged_attention_quant_cpu_kernel(**as_d4), ref) > 1e-2
+
+
+def test_quant_kernel_declines_unknown_layouts():
+    case = make_quant_case("int8", "int8", seq_lens=[5], kvh=1, gqa=2, D=64, BS=16)
+    odd = type("Int3", (), {"name": "int3", "kernel_layout": KernelLayout(
+        AFFINE, 3, {"codes": "q", "scales": "scales", "biases": "biases"}, group_size=64)})()
     with pytest.raises(ValueError):
-        paged_attention_quant_cpu_kernel(**case)
+        paged_attention_quant_cpu_kernel(**{**case, "k_codec": odd})
 
 
 def test_empty_sequence_gives_zeros():
@@ -155,16 +182,17 @@ class Counting:
 
 @pytest.mark.parametrize(("arch", "spec"), [("llama", "fp32"), ("gemma3_text", "fp32"),
                                             ("llama", "int8"), ("gemma3_text", "int4"),
-                                            ("llama", "e8:k4v3")])
+                                            ("llama", "e8:k4v3"), ("gemma3_text", "d4:k4v3"),
+                                            ("llama", "lloyd:k4v3")])
 def test_engine_decode_through_the_primitive_matches_reference(arch, spec):
-    """Greedy decode steps: the primitive on identity and affine layers (gemma3: sliding
-    windows), the reference on lattice ones (cpu_decode declines)."""
+    """Greedy decode steps: the primitive on every layer and codec (gemma3: sliding
+    windows), against the reference path's logits."""
     model = make_tiny_model(arch, head_dim=64, num_attention_heads=6, num_key_value_heads=2,
                             hidden_size=128)
     ref_steps, ref_tokens = run_steps(model, spec, None)
     op = Counting()
     got_steps, got_tokens = run_steps(model, spec, None, decode_op=op)
-    assert op.calls == (0 if spec.startswith("e8") else 3 * len(model.layers))
+    assert op.calls == 3 * len(model.layers)
     for ref, got in zip(ref_steps, got_steps, strict=True):
         assert float(mx.max(mx.abs(got - ref)) / mx.max(mx.abs(ref))) < 1e-4
     assert got_tokens == ref_tokens
