@@ -148,7 +148,7 @@ def main(argv=None) -> dict:
     rows = []
     for b in batches:
         for ctx in tqdm(contexts, desc=f"batch {b}"):
-            t = measure_cell(loaded[0], engines, b, ctx, args.fill, args.rounds)
+            t = measure_cell(base.engine.runner.model, engines, b, ctx, args.fill, args.rounds)
             row = {"batch": b, "context": ctx, "dense_tok_s": b / t["dense"],
                    "paged_tok_s": b / t["paged"], "ratio": t["dense"] / t["paged"]}
             if "paged_ref" in t:
