@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -35,11 +36,18 @@ namespace avx2 {
 #endif
 #endif
 
+// MLXKV_CPU_SIMD=0 in the environment forces the portable build (tests compare both).
 int best_isa() {
 #ifdef MLXKV_HAVE_AVX2
-  __builtin_cpu_init();
-  static const int isa = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
+  static const int isa = [] {
+    const char* env = std::getenv("MLXKV_CPU_SIMD");
+    if (env != nullptr && env[0] == '0') {
+      return 0;
+    }
+    __builtin_cpu_init();
+    return static_cast<int>(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                            __builtin_cpu_supports("f16c"));
+  }();
   return isa;
 #else
   return 0;
@@ -55,6 +63,17 @@ void attend_items(const DecodeJob& job, int first, int last, int isa) {
 #endif
   (void)isa;
   base::run(job, first, last, scratch.data());
+}
+
+void prefill_items(const PrefillJob& job, int first, int last, int stride, int isa) {
+  std::vector<float> scratch(base::prefill_scratch_floats(job));
+#ifdef MLXKV_HAVE_AVX2
+  if (isa == 1) {
+    return avx2::run_prefill(job, first, last, stride, scratch.data());
+  }
+#endif
+  (void)isa;
+  base::run_prefill(job, first, last, stride, scratch.data());
 }
 
 void merge_splits(const DecodeJob& j, int first, int last) {

@@ -49,6 +49,27 @@ struct DecodeJob {
   float* part = nullptr;           // [B, KVH, splits, G, D + 2] (splits > 1): acc, m, l
 };
 
+// Prefill chunks (and decode rows) of B sequences over their cached prefix: sequence b's
+// queries are rows q_start[b] .. q_start[b+1]-1 of q, at positions lens[b] - n_b .. lens[b]-1
+// (n_b its row count); row at position p sees keys max(0, p - window + 1) .. p (causal
+// within the chunk). Items (b, kv head, first row) cover up to `tile` rows each.
+struct PrefillJob {
+  int H = 0, D = 0, KVH = 0, G = 0, BS = 0, MB = 0, NB = 0;
+  int window = 0, tile = 8;
+  float scale = 1.0f;
+  const float* q = nullptr; // [T, H, D] fp32
+  PoolView k, v;
+  const int32_t* tables = nullptr;  // [B, MB]
+  const int32_t* lens = nullptr;    // [B]
+  const int32_t* q_start = nullptr; // [B + 1]
+  const int32_t* items = nullptr;   // [n_items, 3]: b, kv head, first row
+  float* out = nullptr;             // [T, H, D] fp32
+};
+
+// Runs items first, first + stride, ... < last of a prefill job (strided: later rows see
+// more keys, so neighbouring items go to different threads).
+void prefill_items(const PrefillJob& job, int first, int last, int stride, int isa);
+
 // Runs items [first, last) of B * KVH * splits. `isa` picks the build: 0 baseline, 1 AVX2.
 void attend_items(const DecodeJob& job, int first, int last, int isa);
 // Folds the split partials of items [first, last) of B * KVH into job.out.

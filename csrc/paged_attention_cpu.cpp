@@ -119,10 +119,70 @@ void run_job(DecodeJob j, int requested_threads, int requested_splits) {
   }
 }
 
+constexpr int kPrefillTile = 8; // query positions per prefill work item
+
+void run_prefill_job(PrefillJob j, int B, int requested_threads) {
+  std::vector<int32_t> items;
+  int64_t work = 0;
+  for (int b = 0; b < B; ++b) {
+    for (int r0 = j.q_start[b]; r0 < j.q_start[b + 1]; r0 += j.tile) {
+      for (int kvh = 0; kvh < j.KVH; ++kvh) {
+        items.insert(items.end(), {b, kvh, r0});
+      }
+      work += static_cast<int64_t>(std::min(j.tile, j.q_start[b + 1] - r0)) * j.lens[b];
+    }
+  }
+  work *= static_cast<int64_t>(j.H) * j.D * 2;
+  const int n_items = static_cast<int>(items.size() / 3);
+  j.items = items.data();
+  const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
+  const int64_t want = requested_threads > 0
+                           ? requested_threads
+                           : std::min(cores, std::max<int64_t>(1, work / kMinWorkPerThread));
+  const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, n_items)));
+  const int isa = best_isa();
+  std::vector<std::thread> pool;
+  for (int t = 1; t < n; ++t) {
+    pool.emplace_back([&, t] { prefill_items(j, t, n_items, n, isa); });
+  }
+  prefill_items(j, 0, n_items, n, isa);
+  for (auto& th : pool) {
+    th.join();
+  }
+}
+
 } // namespace
+
+void PagedDecodeAttention::eval_prefill(const std::vector<mx::array>& in, mx::array& out) {
+  const RowKind kk = static_cast<RowKind>(k_kind_), vk = static_cast<RowKind>(v_kind_);
+  const int nk = num_components(kk), nv = num_components(vk);
+  const mx::array &q = in[0], &k = in[1], &tables = in[1 + nk + nv];
+  PrefillJob j;
+  j.H = q.shape(1), j.D = q.shape(2);
+  j.NB = k.shape(0), j.BS = k.shape(1), j.KVH = k.shape(2);
+  j.G = j.H / j.KVH, j.MB = tables.shape(1), j.window = window_, j.scale = scale_;
+  j.tile = kPrefillTile;
+  j.q = q.data<float>();
+  j.k = pool_view(kk, k_bits_, &in[1]);
+  j.v = pool_view(vk, v_bits_, &in[1 + nk]);
+  j.tables = tables.data<int32_t>();
+  j.lens = in[2 + nk + nv].data<int32_t>();
+  j.q_start = in[3 + nk + nv].data<int32_t>();
+  j.out = out.data<float>();
+  const int B = tables.shape(0);
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (const auto& a : in) {
+    enc.set_input_array(a);
+  }
+  enc.set_output_array(out);
+  enc.dispatch([j, B, t = threads_]() { run_prefill_job(j, B, t); });
+}
 
 void PagedDecodeAttention::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
+  if (prefill_) {
+    return eval_prefill(in, out);
+  }
   const RowKind kk = static_cast<RowKind>(k_kind_), vk = static_cast<RowKind>(v_kind_);
   const int nk = num_components(kk), nv = num_components(vk);
   const mx::array &q = in[0], &k = in[1], &tables = in[1 + nk + nv];
@@ -152,7 +212,7 @@ bool PagedDecodeAttention::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const PagedDecodeAttention&>(other);
   return scale_ == o.scale_ && window_ == o.window_ && threads_ == o.threads_ &&
          splits_ == o.splits_ && k_kind_ == o.k_kind_ && k_bits_ == o.k_bits_ &&
-         v_kind_ == o.v_kind_ && v_bits_ == o.v_bits_;
+         v_kind_ == o.v_kind_ && v_bits_ == o.v_bits_ && prefill_ == o.prefill_;
 }
 
 namespace {
@@ -218,13 +278,16 @@ mx::array rotation(const std::optional<mx::array>& r, int D, mx::StreamOrDevice 
 
 } // namespace
 
-mx::array paged_decode_attention_packed(
-    const mx::array& q, const std::vector<mx::array>& k_comps, const std::string& k_kind,
-    int k_bits, const std::vector<mx::array>& v_comps, const std::string& v_kind, int v_bits,
-    const mx::array& tables, const mx::array& lens, float scale, int window,
-    const std::optional<mx::array>& k_rotation, const std::optional<mx::array>& v_rotation,
-    int threads, int splits) {
-  if (q.ndim() != 3) bad("q [B, H, D] expected");
+namespace {
+
+// Shared by the decode and prefill builders: validation, rotations, the graph node.
+mx::array build(const mx::array& q, const std::vector<mx::array>& k_comps,
+                const std::string& k_kind, int k_bits, const std::vector<mx::array>& v_comps,
+                const std::string& v_kind, int v_bits, const mx::array& tables,
+                const mx::array& lens, const mx::array* q_start, float scale, int window,
+                const std::optional<mx::array>& k_rotation,
+                const std::optional<mx::array>& v_rotation, int threads, int splits) {
+  if (q.ndim() != 3) bad("q [B, H, D] (prefill: [T, H, D]) expected");
   const int D = q.shape(2);
   const RowKind kk = check_pool(k_kind, k_bits, k_comps, D);
   const RowKind vk = check_pool(v_kind, v_bits, v_comps, D);
@@ -233,9 +296,12 @@ mx::array paged_decode_attention_packed(
     bad("K and V pools must share [NB, BS, KVH]");
   }
   if (q.shape(1) % k0.shape(2) != 0) bad("H must be a multiple of the pools' KVH");
-  if (tables.ndim() != 2 || tables.shape(0) != q.shape(0) || lens.ndim() != 1 ||
-      lens.shape(0) != q.shape(0)) {
+  const int B = q_start == nullptr ? q.shape(0) : tables.shape(0);
+  if (tables.ndim() != 2 || tables.shape(0) != B || lens.ndim() != 1 || lens.shape(0) != B) {
     bad("block_tables [B, MB] and seq_lens [B] expected");
+  }
+  if (q_start != nullptr && (q_start->ndim() != 1 || q_start->shape(0) != B + 1)) {
+    bad("q_start [B + 1] expected");
   }
   auto s = mx::default_stream(mx::Device::cpu);
   mx::array q32 = mx::astype(q, mx::float32, s);
@@ -251,15 +317,40 @@ mx::array paged_decode_attention_packed(
   }
   inputs.push_back(mx::contiguous(mx::astype(tables, mx::int32, s), false, s));
   inputs.push_back(mx::contiguous(mx::astype(lens, mx::int32, s), false, s));
+  if (q_start != nullptr) {
+    inputs.push_back(mx::contiguous(mx::astype(*q_start, mx::int32, s), false, s));
+  }
   auto out = mx::array(q.shape(), mx::float32,
                        std::make_shared<PagedDecodeAttention>(
                            s, scale, window, threads, splits, static_cast<int>(kk), k_bits,
-                           static_cast<int>(vk), v_bits),
+                           static_cast<int>(vk), v_bits, q_start != nullptr),
                        std::move(inputs));
   if (v_rotation) {
     out = mx::matmul(out, rotation(v_rotation, D, s), s);
   }
   return mx::astype(out, q.dtype(), s);
+}
+
+} // namespace
+
+mx::array paged_decode_attention_packed(
+    const mx::array& q, const std::vector<mx::array>& k_comps, const std::string& k_kind,
+    int k_bits, const std::vector<mx::array>& v_comps, const std::string& v_kind, int v_bits,
+    const mx::array& tables, const mx::array& lens, float scale, int window,
+    const std::optional<mx::array>& k_rotation, const std::optional<mx::array>& v_rotation,
+    int threads, int splits) {
+  return build(q, k_comps, k_kind, k_bits, v_comps, v_kind, v_bits, tables, lens, nullptr,
+               scale, window, k_rotation, v_rotation, threads, splits);
+}
+
+mx::array paged_prefill_attention_packed(
+    const mx::array& q, const std::vector<mx::array>& k_comps, const std::string& k_kind,
+    int k_bits, const std::vector<mx::array>& v_comps, const std::string& v_kind, int v_bits,
+    const mx::array& tables, const mx::array& q_start, const mx::array& lens, float scale,
+    int window, const std::optional<mx::array>& k_rotation,
+    const std::optional<mx::array>& v_rotation, int threads) {
+  return build(q, k_comps, k_kind, k_bits, v_comps, v_kind, v_bits, tables, lens, &q_start,
+               scale, window, k_rotation, v_rotation, threads, 1);
 }
 
 mx::array paged_decode_attention(const mx::array& q, const mx::array& k_pool,

@@ -40,11 +40,21 @@ mx::array paged_decode_attention_packed(
     const std::optional<mx::array>& k_rotation, const std::optional<mx::array>& v_rotation,
     int num_threads, int num_splits);
 
+// Prefill chunks and decode rows over the cached prefix, one call for a mixed batch:
+// q [T, H, D]; sequence b's queries are rows q_start[b] .. q_start[b+1]-1, at positions
+// seq_lens[b] - n_b .. seq_lens[b] - 1, causal within the chunk -> [T, H, D].
+mx::array paged_prefill_attention_packed(
+    const mx::array& q, const std::vector<mx::array>& k_comps, const std::string& k_kind,
+    int k_bits, const std::vector<mx::array>& v_comps, const std::string& v_kind, int v_bits,
+    const mx::array& block_tables, const mx::array& q_start, const mx::array& seq_lens,
+    float scale, int sliding_window, const std::optional<mx::array>& k_rotation,
+    const std::optional<mx::array>& v_rotation, int num_threads);
+
 class PagedDecodeAttention : public mx::UnaryPrimitive {
  public:
   // k_kind / v_kind: mlxkv::RowKind values (attend.h); *_bits their code widths.
   PagedDecodeAttention(mx::Stream stream, float scale, int window, int threads, int splits,
-                       int k_kind, int k_bits, int v_kind, int v_bits)
+                       int k_kind, int k_bits, int v_kind, int v_bits, bool prefill = false)
       : mx::UnaryPrimitive(stream),
         scale_(scale),
         window_(window),
@@ -53,7 +63,8 @@ class PagedDecodeAttention : public mx::UnaryPrimitive {
         k_kind_(k_kind),
         k_bits_(k_bits),
         v_kind_(v_kind),
-        v_bits_(v_bits) {}
+        v_bits_(v_bits),
+        prefill_(prefill) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -65,6 +76,8 @@ class PagedDecodeAttention : public mx::UnaryPrimitive {
  private:
   float scale_;
   int window_, threads_, splits_, k_kind_, k_bits_, v_kind_, v_bits_;
+  bool prefill_; // inputs end with q_start [B + 1]; q holds T rows
+  void eval_prefill(const std::vector<mx::array>& in, mx::array& out);
 };
 
 } // namespace mlxkv

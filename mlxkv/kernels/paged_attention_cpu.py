@@ -111,16 +111,48 @@ def _rotation(head_dim: int, seed: int) -> mx.array:
     return rotation_matrix(head_dim, seed)
 
 
+def _packed_args(queries, k_layout, k_pool, v_layout, v_pool):
+    """(positional layout arguments, rotation keywords) of the packed entry points."""
+    D = queries.shape[-1]
+    rot = {"k_rotation": _rotation(D, k_layout.rotation_seed) if k_layout.rotated else None,
+           "v_rotation": _rotation(D, v_layout.rotation_seed) if v_layout.rotated else None}
+    return (_components(k_layout, k_pool), k_layout.kind, k_layout.bits,
+            _components(v_layout, v_pool), v_layout.kind, v_layout.bits), rot
+
+
 def _packed_call(ext, queries, k_layout, k_pool, v_layout, v_pool, block_tables, seq_lens,
                  scale, sliding_window, **kw) -> mx.array:
+    args, rot = _packed_args(queries, k_layout, k_pool, v_layout, v_pool)
+    return ext.paged_decode_attention_packed(queries, *args, block_tables, seq_lens,
+                                             scale=scale, sliding_window=sliding_window or 0,
+                                             **rot, **kw)
+
+
+def paged_prefill_cpu_kernel(*, queries, k_pool, v_pool, k_codec: KVCodec, v_codec: KVCodec,
+                             block_tables, query_start, seq_lens, scale: float,
+                             sliding_window: int | None = None,
+                             num_threads: int = 0) -> mx.array:
+    """Prefill chunks (and decode rows) over the cached prefix -> [T, H, D].
+
+    queries [T, H, D]: sequence b's rows are query_start[b] .. query_start[b+1]-1, at
+    positions seq_lens[b] - n_b .. seq_lens[b] - 1; each row sees the keys up to its own
+    position (causal within the chunk) and, with a window W, the last W of them. Pools are
+    component dicts in the codecs' layouts (identity pools: {"x": [NB, BS, KVH, D]}).
+
+    Raises:
+        RuntimeError: the extension is not available.
+        ValueError: a layout the primitive does not decode, or bad shapes.
+    """
+    ext = _require_ext()
+    kl, vl = k_codec.kernel_layout, v_codec.kernel_layout
     D = queries.shape[-1]
-    k_rot = _rotation(D, k_layout.rotation_seed) if k_layout.rotated else None
-    v_rot = _rotation(D, v_layout.rotation_seed) if v_layout.rotated else None
-    return ext.paged_decode_attention_packed(
-        queries, _components(k_layout, k_pool), k_layout.kind, k_layout.bits,
-        _components(v_layout, v_pool), v_layout.kind, v_layout.bits, block_tables, seq_lens,
-        scale=scale, sliding_window=sliding_window or 0, k_rotation=k_rot, v_rotation=v_rot,
-        **kw)
+    if not (layout_supported(kl, D) and layout_supported(vl, D)):
+        raise ValueError(f"the CPU primitive does not decode {k_codec.name}/{v_codec.name} "
+                         f"at head_dim {D}")
+    args, rot = _packed_args(queries, kl, k_pool, vl, v_pool)
+    return ext.paged_prefill_attention_packed(
+        queries, *args, block_tables, query_start, seq_lens, scale=scale,
+        sliding_window=sliding_window or 0, num_threads=num_threads, **rot)
 
 
 def paged_attention_quant_cpu_kernel(*, queries, k_pool, v_pool, k_codec: KVCodec,
@@ -177,3 +209,25 @@ def cpu_decode(q, store: KVStore, layer_id: int, tables, seq_lens, scale, window
     if plan == "packed":
         return _packed_call(ext, q, kl, k_pool, vl, v_pool, tables, seq_lens, scale, window)
     return None
+
+
+def cpu_prefill(q, store: KVStore, layer_id: int, tables, batch, scale, window):
+    """The whole batch of one layer (prefill chunks and decode rows, q [T, H, D]) in one
+    primitive call -> [T, H, D]; None (the reference runs) where cpu_decode would decline."""
+    ext = _load_ext()
+    if ext is None or q.dtype not in SUPPORTED_DTYPES:
+        return None
+    k_codec, v_codec = store.codecs[layer_id]
+    kl, vl = k_codec.kernel_layout, v_codec.kernel_layout
+    plan = _layer_plan(kl, vl, q.shape[-1])
+    k_pool, v_pool = store.k_pool(layer_id), store.v_pool(layer_id)
+    if plan is None or (plan == "dense" and (kl.component(k_pool, "values").dtype != q.dtype
+                                             or vl.component(v_pool, "values").dtype
+                                             != q.dtype)):
+        return None
+    q_start = batch.memo.get("query_start")
+    if q_start is None:
+        q_start = batch.memo["query_start"] = mx.array(batch.query_start_loc, dtype=mx.int32)
+    args, rot = _packed_args(q, kl, k_pool, vl, v_pool)
+    return ext.paged_prefill_attention_packed(q, *args, tables, q_start, batch.seq_lens,
+                                              scale=scale, sliding_window=window or 0, **rot)
