@@ -49,26 +49,55 @@ def bandwidth_gib_s(num_mib: int) -> dict:
     return {"mlx_gib_s": mlx_bw, "numpy_gib_s": np_bw, "floor_gib_s": max(mlx_bw, np_bw)}
 
 
-def step_time(llm, batch: int, context: int) -> float:
+def _zero_logits_forward(runner, vocab: int):
+    """A stand-in for runner.forward that skips the model: zero logits, no KV writes."""
+    def forward(batch):
+        return mx.zeros((batch.logits_indices.shape[0], vocab), dtype=mx.float32)
+    return forward
+
+
+def start_decode(llm, batch: int, context: int, fill: str = "prefill") -> None:
+    """Admit `batch` requests of `context` random tokens and run their prefill.
+
+    fill="zeros" skips the model during prefill (the pools keep their zeros): a decode
+    step costs the same whatever the K/V values are, and a real prefill of batch x context
+    tokens would dominate the benchmark's time on a small CPU.
+    """
     from mlxkv.sampling import SamplingParams
 
     engine = llm.engine
-    vocab = min(engine.runner.model.model.embed_tokens.weight.shape[0], 20000)
+    vocab = engine.runner.model.model.embed_tokens.weight.shape[0]
     rng = random.Random(batch)
     params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"f{i}", [rng.randrange(10, vocab) for _ in range(context)], params)
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or \
-            engine.scheduler.waiting:
-        engine.step()
+        engine.add_request(f"f{i}", [rng.randrange(10, min(vocab, 20000))
+                                     for _ in range(context)], params)
+    real_forward = engine.runner.forward
+    if fill == "zeros":
+        engine.runner.forward = _zero_logits_forward(engine.runner, vocab)
+    try:
+        while any(r.num_computed_tokens < r.num_prompt_tokens
+                  for r in engine.scheduler.running) or engine.scheduler.waiting:
+            engine.step()
+    finally:
+        engine.runner.forward = real_forward
+
+
+def stop_decode(llm, batch: int) -> None:
+    for i in range(batch):
+        llm.engine.abort(f"f{i}")
+    llm.engine.step()
+
+
+def step_time(llm, batch: int, context: int, fill: str = "prefill") -> float:
+    """Median time of 8 engine decode steps at `batch` sequences of `context` tokens."""
+    start_decode(llm, batch, context, fill)
     times = []
     for _ in range(8):
         start = time.perf_counter()
-        engine.step()
+        llm.engine.step()
         times.append(time.perf_counter() - start)
-    for i in range(batch):
-        engine.abort(f"f{i}")
-    engine.step()
+    stop_decode(llm, batch)
     return statistics.median(times)
 
 

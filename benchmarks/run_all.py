@@ -94,11 +94,21 @@ def table_shared(d):
 
 
 def table_pvd(d):
-    rows = ["| batch | context | paged tok/s | dense tok/s | paged / dense |",
-            "|---:|---:|---:|---:|---:|"]
-    rows += [f"| {r['batch']} | {r['context']} | {r['paged_tok_s']:.1f} | "
-             f"{r['dense_tok_s']:.1f} | {r['ratio']:.2f} |" for r in d["rows"]]
-    return [_src(d, "paged_vs_dense.py", "paged_vs_dense"), "", *rows]
+    st = d.get("settings", {})
+    codecs = st.get("codecs", [])
+    head = "| batch | context | paged tok/s | dense tok/s | paged / dense |"
+    head += " reference / dense |" if any("ref_ratio" in r for r in d["rows"]) else ""
+    head += "".join(f" `{c}` / fp pool |" for c in codecs)
+    rows = [head, "|" + "---:|" * (head.count("|") - 1)]
+    for r in d["rows"]:
+        line = (f"| {r['batch']} | {r['context']} | {r['paged_tok_s']:.1f} | "
+                f"{r['dense_tok_s']:.1f} | {r['ratio']:.2f} |")
+        line += f" {r['ref_ratio']:.2f} |" if "ref_ratio" in r else ""
+        line += "".join(f" {r['codecs'][c]['vs_fp']:.2f} |" for c in codecs)
+        rows.append(line)
+    note = (f"Attention `{st.get('auto_attention', '?')}`, K/V fill `{st.get('fill', 'prefill')}`, "
+            f"median of {st.get('rounds', 8)} interleaved rounds.")
+    return [_src(d, "paged_vs_dense.py", "paged_vs_dense"), "", note, "", *rows]
 
 
 def table_floor(d):

@@ -1,20 +1,22 @@
-// CPU body of PagedDecodeAttention: one work item per (sequence, kv head).
+// PagedDecodeAttention: the MLX side of the CPU paged attention (graph node, validation,
+// threads). The arithmetic lives in attend.cpp / attend_body.inc.
 //
-// A work item loads its G query heads once (pre-scaled, fp32), then walks the visible
-// blocks through the block table. Per block: scores of all G heads against each K row
-// (each row read once for the whole group), one online-softmax rescale per head, then
-// each V row read once and accumulated into the G fp32 accumulators. Nothing is copied
-// out of the pools. Items are split over std::threads when the step is large enough.
+// Inputs: q (fp32), then the K components, the V components (1 each for float pools,
+// codes/scales/biases for affine ones), block tables and sequence lengths. The output is
+// fp32 [B, H, D]; the builder casts it back to the query dtype. Work items (sequence, kv
+// head, split) go to std::threads; splits (key ranges merged afterwards) are added when
+// there are too few (sequence, kv head) pairs to keep every thread busy.
 #include "paged_attention_cpu.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <limits>
+#include <optional>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
+#include "attend.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
@@ -23,196 +25,183 @@ namespace mlxkv {
 
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int64_t kMinWorkPerThread = 1 << 20; // multiply-adds worth a thread spawn
+constexpr int64_t kMinWorkPerThread = 1 << 18; // multiply-adds worth a thread
+constexpr int kMinKeysPerSplit = 128;
 
-struct Geometry {
-  int B, H, D, KVH, G, BS, MB, NB, window;
-  float scale;
-  int64_t ks[3], vs[3]; // element strides of the pools' [NB, BS, KVH] dims
-};
-
-template <typename T>
-inline float dot(const float* q, const T* k, int D) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int i = 0; i < D; ++i) {
-    s += q[i] * static_cast<float>(k[i]);
-  }
-  return s;
-}
-
-template <typename T>
-inline void axpy(float p, const T* v, float* acc, int D) {
-#pragma omp simd
-  for (int i = 0; i < D; ++i) {
-    acc[i] += p * static_cast<float>(v[i]);
+// Components per layout: values | codes, scales, biases (affine) | codes, scales (e8, d4) |
+// codes, scales, levels (lloyd).
+int num_components(RowKind kind) {
+  switch (kind) {
+    case RowKind::affine:
+    case RowKind::lloyd:
+      return 3;
+    case RowKind::e8:
+    case RowKind::d4:
+      return 2;
+    default:
+      return 1;
   }
 }
 
-// Scratch of one thread: q [G, D], acc [G, D], scores [G, BS], m [G], l [G].
-struct Scratch {
-  std::vector<float> q, acc, s, m, l;
-  explicit Scratch(const Geometry& g)
-      : q(g.G * g.D), acc(g.G * g.D), s(g.G * g.BS), m(g.G), l(g.G) {}
-};
-
-// Scores of one block's rows t0..t1 against the G heads, then the online-softmax update:
-// afterwards s holds p = exp(score - m_new) and acc, l are rescaled to m_new.
-template <typename T>
-void score_block(const Geometry& g, const T* k, int t0, int t1, Scratch& w) {
-  for (int t = t0; t < t1; ++t) {
-    const T* row = k + t * g.ks[1];
-    for (int h = 0; h < g.G; ++h) {
-      w.s[h * g.BS + t] = dot(&w.q[h * g.D], row, g.D);
+PoolView pool_view(RowKind kind, int bits, const mx::array* comps) {
+  PoolView p;
+  p.kind = kind, p.bits = bits;
+  const mx::array& data = comps[0];
+  p.data = data.data<void>();
+  const int64_t width = kind == RowKind::affine ? 4 : 1; // affine codes: uint32 -> bytes
+  for (int i = 0; i < 3; ++i) {
+    p.s[i] = data.strides(i) * width;
+  }
+  if (kind >= RowKind::affine) {
+    p.scales = comps[1].data<uint16_t>();
+    for (int i = 0; i < 3; ++i) {
+      p.g[i] = comps[1].strides(i);
     }
   }
-  for (int h = 0; h < g.G; ++h) {
-    float* s = &w.s[h * g.BS];
-    float m_new = w.m[h];
-    for (int t = t0; t < t1; ++t) {
-      m_new = std::max(m_new, s[t]);
-    }
-    if (m_new > w.m[h]) {
-      float corr = w.m[h] == kNegInf ? 0.0f : std::exp(w.m[h] - m_new);
-      w.l[h] *= corr;
-      float* acc = &w.acc[h * g.D];
-      for (int i = 0; i < g.D; ++i) {
-        acc[i] *= corr;
-      }
-      w.m[h] = m_new;
-    }
-    for (int t = t0; t < t1; ++t) {
-      s[t] = std::exp(s[t] - m_new);
-      w.l[h] += s[t];
-    }
+  if (kind == RowKind::affine) {
+    p.biases = comps[2].data<uint16_t>(); // same shape (and strides) as the scales
   }
+  if (kind == RowKind::lloyd) {
+    p.levels = comps[2].data<float>();
+  }
+  return p;
 }
 
-template <typename T>
-void attend_item(const Geometry& g, const T* q, const T* k_pool, const T* v_pool,
-                 const int32_t* tables, const int32_t* lens, T* out, int b, int kvh,
-                 Scratch& w) {
-  const int L = std::min(lens[b], g.MB * g.BS);
-  const int start = g.window > 0 ? std::max(0, L - g.window) : 0;
-  const T* qb = q + (static_cast<int64_t>(b) * g.H + kvh * g.G) * g.D;
-  for (int i = 0; i < g.G * g.D; ++i) {
-    w.q[i] = static_cast<float>(qb[i]) * g.scale;
+// Threads (requested, else one per core while each gets kMinWorkPerThread multiply-adds)
+// and splits (requested, else the thread count when the (b, kvh) items do not divide
+// evenly over the threads and every split keeps kMinKeysPerSplit keys).
+void plan(DecodeJob& j, int requested_threads, int requested_splits, int& threads) {
+  const int64_t pairs = static_cast<int64_t>(j.B) * j.KVH;
+  int64_t keys = 0, longest = 0;
+  for (int b = 0; b < j.B; ++b) {
+    const int64_t L = std::min(j.lens[b], j.MB * j.BS);
+    keys += L;
+    longest = std::max(longest, L);
   }
-  std::fill(w.acc.begin(), w.acc.end(), 0.0f);
-  std::fill(w.m.begin(), w.m.end(), kNegInf);
-  std::fill(w.l.begin(), w.l.end(), 0.0f);
-  const int32_t* table = tables + static_cast<int64_t>(b) * g.MB;
-  for (int blk = start / g.BS; blk * g.BS < L; ++blk) {
-    const int32_t id = table[blk];
-    if (id < 0 || id >= g.NB) {
-      continue; // NOTE: an id outside the pool would read out of bounds; it adds nothing
-    }
-    const int t0 = std::max(start - blk * g.BS, 0);
-    const int t1 = std::min(L - blk * g.BS, g.BS);
-    const T* k = k_pool + id * g.ks[0] + kvh * g.ks[2];
-    const T* v = v_pool + id * g.vs[0] + kvh * g.vs[2];
-    score_block(g, k, t0, t1, w);
-    for (int t = t0; t < t1; ++t) {
-      const T* row = v + t * g.vs[1];
-      for (int h = 0; h < g.G; ++h) {
-        axpy(w.s[h * g.BS + t], row, &w.acc[h * g.D], g.D);
-      }
-    }
-  }
-  T* ob = out + (static_cast<int64_t>(b) * g.H + kvh * g.G) * g.D;
-  for (int h = 0; h < g.G; ++h) {
-    const float inv = w.l[h] > 0.0f ? 1.0f / w.l[h] : 0.0f;
-    for (int i = 0; i < g.D; ++i) {
-      ob[h * g.D + i] = static_cast<T>(w.acc[h * g.D + i] * inv);
-    }
-  }
-}
-
-// Threads for one call: `requested` when > 0 (capped by the work items), else one per core
-// while each gets at least kMinWorkPerThread multiply-adds.
-int pick_threads(const Geometry& g, const int32_t* lens, int requested) {
-  const int64_t items = static_cast<int64_t>(g.B) * g.KVH;
-  if (requested > 0) {
-    return static_cast<int>(std::min<int64_t>(requested, items));
-  }
-  int64_t keys = 0;
-  for (int b = 0; b < g.B; ++b) {
-    keys += std::min(lens[b], g.MB * g.BS);
-  }
-  const int64_t work = keys * g.KVH * g.G * g.D * 2;
   const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
-  return static_cast<int>(std::max<int64_t>(1, std::min({cores, items, work / kMinWorkPerThread})));
+  const int64_t work = keys * j.KVH * j.G * j.D * 2;
+  int64_t n = requested_threads > 0 ? requested_threads
+                                    : std::min(cores, std::max<int64_t>(1, work / kMinWorkPerThread));
+  int64_t s = requested_splits;
+  if (s <= 0) {
+    s = 1;
+    if (n > 1 && pairs % n != 0 && pairs < 4 * n) {
+      s = std::max<int64_t>(1, std::min<int64_t>(n, longest / kMinKeysPerSplit));
+    }
+  }
+  j.splits = static_cast<int>(s);
+  threads = static_cast<int>(std::max<int64_t>(1, std::min(n, pairs * s)));
 }
 
-template <typename T>
-void run(Geometry g, const T* q, const T* k, const T* v, const int32_t* tables,
-         const int32_t* lens, T* out, int requested_threads) {
-  const int items = g.B * g.KVH;
-  auto work = [&](int first, int last) {
-    Scratch w(g);
-    for (int i = first; i < last; ++i) {
-      attend_item(g, q, k, v, tables, lens, out, i / g.KVH, i % g.KVH, w);
-    }
-  };
-  const int n = pick_threads(g, lens, requested_threads);
-  if (n == 1) {
-    work(0, items);
-    return;
+void run_job(DecodeJob j, int requested_threads, int requested_splits) {
+  int n = 1;
+  plan(j, requested_threads, requested_splits, n);
+  const int items = j.B * j.KVH * j.splits;
+  std::vector<float> part;
+  if (j.splits > 1) {
+    part.resize(static_cast<size_t>(items) * j.G * (j.D + 2));
+    j.part = part.data();
   }
+  const int isa = best_isa();
+  auto work = [&](int t) {
+    attend_items(j, items * t / n, items * (t + 1) / n, isa);
+  };
   std::vector<std::thread> pool;
   for (int t = 1; t < n; ++t) {
-    pool.emplace_back(work, items * t / n, items * (t + 1) / n);
+    pool.emplace_back(work, t);
   }
-  work(0, items / n);
+  work(0);
+  for (auto& th : pool) {
+    th.join();
+  }
+  if (j.splits > 1) {
+    merge_splits(j, 0, j.B * j.KVH);
+  }
+}
+
+constexpr int kPrefillTile = 8; // query positions per prefill work item
+
+void run_prefill_job(PrefillJob j, int B, int requested_threads) {
+  std::vector<int32_t> items;
+  int64_t work = 0;
+  for (int b = 0; b < B; ++b) {
+    for (int r0 = j.q_start[b]; r0 < j.q_start[b + 1]; r0 += j.tile) {
+      for (int kvh = 0; kvh < j.KVH; ++kvh) {
+        items.insert(items.end(), {b, kvh, r0});
+      }
+      work += static_cast<int64_t>(std::min(j.tile, j.q_start[b + 1] - r0)) * j.lens[b];
+    }
+  }
+  work *= static_cast<int64_t>(j.H) * j.D * 2;
+  const int n_items = static_cast<int>(items.size() / 3);
+  j.items = items.data();
+  const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
+  const int64_t want = requested_threads > 0
+                           ? requested_threads
+                           : std::min(cores, std::max<int64_t>(1, work / kMinWorkPerThread));
+  const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, n_items)));
+  const int isa = best_isa();
+  std::vector<std::thread> pool;
+  for (int t = 1; t < n; ++t) {
+    pool.emplace_back([&, t] { prefill_items(j, t, n_items, n, isa); });
+  }
+  prefill_items(j, 0, n_items, n, isa);
   for (auto& th : pool) {
     th.join();
   }
 }
 
-Geometry make_geometry(const std::vector<mx::array>& in, float scale, int window) {
-  const auto &q = in[0], &k = in[1], &v = in[2], &tables = in[3];
-  if (k.strides(3) != 1 || v.strides(3) != 1) {
-    throw std::runtime_error("[paged_decode_attention] pools need a unit head_dim stride");
-  }
-  Geometry g{};
-  g.B = q.shape(0), g.H = q.shape(1), g.D = q.shape(2);
-  g.NB = k.shape(0), g.BS = k.shape(1), g.KVH = k.shape(2);
-  g.G = g.H / g.KVH, g.MB = tables.shape(1), g.window = window, g.scale = scale;
-  for (int i = 0; i < 3; ++i) {
-    g.ks[i] = k.strides(i), g.vs[i] = v.strides(i);
-  }
-  return g;
-}
-
-template <typename T>
-void dispatch_typed(mx::cpu::CommandEncoder& enc, const std::vector<mx::array>& in,
-                    mx::array& out, const Geometry& g, int threads) {
-  enc.dispatch([g, threads, q = in[0].data<T>(), k = in[1].data<T>(), v = in[2].data<T>(),
-                tables = in[3].data<int32_t>(), lens = in[4].data<int32_t>(),
-                o = out.data<T>()]() { run<T>(g, q, k, v, tables, lens, o, threads); });
-}
-
 } // namespace
 
-void PagedDecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  const Geometry g = make_geometry(inputs, scale_, window_);
+void PagedDecodeAttention::eval_prefill(const std::vector<mx::array>& in, mx::array& out) {
+  const RowKind kk = static_cast<RowKind>(k_kind_), vk = static_cast<RowKind>(v_kind_);
+  const int nk = num_components(kk), nv = num_components(vk);
+  const mx::array &q = in[0], &k = in[1], &tables = in[1 + nk + nv];
+  PrefillJob j;
+  j.H = q.shape(1), j.D = q.shape(2);
+  j.NB = k.shape(0), j.BS = k.shape(1), j.KVH = k.shape(2);
+  j.G = j.H / j.KVH, j.MB = tables.shape(1), j.window = window_, j.scale = scale_;
+  j.tile = kPrefillTile;
+  j.q = q.data<float>();
+  j.k = pool_view(kk, k_bits_, &in[1]);
+  j.v = pool_view(vk, v_bits_, &in[1 + nk]);
+  j.tables = tables.data<int32_t>();
+  j.lens = in[2 + nk + nv].data<int32_t>();
+  j.q_start = in[3 + nk + nv].data<int32_t>();
+  j.out = out.data<float>();
+  const int B = tables.shape(0);
   auto& enc = mx::cpu::get_command_encoder(stream());
-  for (const auto& a : inputs) {
+  for (const auto& a : in) {
     enc.set_input_array(a);
   }
   enc.set_output_array(out);
-  switch (out.dtype()) {
-    case mx::float32:
-      return dispatch_typed<float>(enc, inputs, out, g, threads_);
-    case mx::float16:
-      return dispatch_typed<mx::float16_t>(enc, inputs, out, g, threads_);
-    case mx::bfloat16:
-      return dispatch_typed<mx::bfloat16_t>(enc, inputs, out, g, threads_);
-    default:
-      throw std::runtime_error("[paged_decode_attention] float32/float16/bfloat16 only");
+  enc.dispatch([j, B, t = threads_]() { run_prefill_job(j, B, t); });
+}
+
+void PagedDecodeAttention::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  if (prefill_) {
+    return eval_prefill(in, out);
   }
+  const RowKind kk = static_cast<RowKind>(k_kind_), vk = static_cast<RowKind>(v_kind_);
+  const int nk = num_components(kk), nv = num_components(vk);
+  const mx::array &q = in[0], &k = in[1], &tables = in[1 + nk + nv];
+  DecodeJob j;
+  j.B = q.shape(0), j.H = q.shape(1), j.D = q.shape(2);
+  j.NB = k.shape(0), j.BS = k.shape(1), j.KVH = k.shape(2);
+  j.G = j.H / j.KVH, j.MB = tables.shape(1), j.window = window_, j.scale = scale_;
+  j.q = q.data<float>();
+  j.k = pool_view(kk, k_bits_, &in[1]);
+  j.v = pool_view(vk, v_bits_, &in[1 + nk]);
+  j.tables = tables.data<int32_t>();
+  j.lens = in[2 + nk + nv].data<int32_t>();
+  j.out = out.data<float>();
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (const auto& a : in) {
+    enc.set_input_array(a);
+  }
+  enc.set_output_array(out);
+  enc.dispatch([j, t = threads_, s = splits_]() { run_job(j, t, s); });
 }
 
 void PagedDecodeAttention::eval_gpu(const std::vector<mx::array>&, mx::array&) {
@@ -221,34 +210,159 @@ void PagedDecodeAttention::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 
 bool PagedDecodeAttention::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const PagedDecodeAttention&>(other);
-  return scale_ == o.scale_ && window_ == o.window_ && threads_ == o.threads_;
+  return scale_ == o.scale_ && window_ == o.window_ && threads_ == o.threads_ &&
+         splits_ == o.splits_ && k_kind_ == o.k_kind_ && k_bits_ == o.k_bits_ &&
+         v_kind_ == o.v_kind_ && v_bits_ == o.v_bits_ && prefill_ == o.prefill_;
+}
+
+namespace {
+
+RowKind float_kind(mx::Dtype t) {
+  if (t == mx::float32) return RowKind::f32;
+  if (t == mx::float16) return RowKind::f16;
+  if (t == mx::bfloat16) return RowKind::bf16;
+  throw std::invalid_argument("[paged_decode_attention] float32/float16/bfloat16 values only");
+}
+
+[[noreturn]] void bad(const std::string& what) {
+  throw std::invalid_argument("[paged_decode_attention] " + what);
+}
+
+// One pool component [NB, BS, KVH, last] of `dtype` sharing the first component's dims.
+void check_component(const mx::array& c, const mx::array& first, int last, mx::Dtype dtype,
+                     const char* what) {
+  if (c.ndim() != 4 || c.shape(0) != first.shape(0) || c.shape(1) != first.shape(1) ||
+      c.shape(2) != first.shape(2) || c.shape(3) != last || c.dtype() != dtype) {
+    bad(std::string(what) + " must be [NB, BS, KVH, " + std::to_string(last) +
+        "] of the layer's pools with the layout's dtype");
+  }
+}
+
+// The row kind of a (layout kind, bits, components) triple, validated against head_dim D.
+RowKind check_pool(const std::string& kind, int bits, const std::vector<mx::array>& c, int D) {
+  if (c.empty() || c[0].ndim() != 4) {
+    bad("pool components [NB, BS, KVH, *] expected");
+  }
+  auto need = [&](size_t n) {
+    if (c.size() != n) bad(kind + " pools have " + std::to_string(n) + " components");
+  };
+  if (kind == "identity") {
+    need(1);
+    check_component(c[0], c[0], D, c[0].dtype(), "values");
+    return float_kind(c[0].dtype());
+  }
+  if (kind == "affine") {
+    need(3);
+    if ((bits != 4 && bits != 8) || D % 64) bad("affine pools: 4 or 8 bits, head_dim % 64 == 0");
+    check_component(c[0], c[0], D * bits / 32, mx::uint32, "affine codes");
+    check_component(c[1], c[0], D / 64, mx::float16, "affine scales");
+    check_component(c[2], c[0], D / 64, mx::float16, "affine biases");
+    return RowKind::affine;
+  }
+  const RowKind rk = kind == "e8" ? RowKind::e8 : kind == "d4" ? RowKind::d4 : RowKind::lloyd;
+  if (kind != "e8" && kind != "d4" && kind != "lloyd") bad("unknown layout kind " + kind);
+  if (bits < 2 || bits > 4 || D % 8) bad(kind + " pools: 2..4 bits, head_dim % 8 == 0");
+  need(rk == RowKind::lloyd ? 3 : 2);
+  check_component(c[0], c[0], D / 8 * bits, mx::uint8, "codes");
+  check_component(c[1], c[0], 1, mx::float16, "scales");
+  if (rk == RowKind::lloyd && (c[2].size() != (size_t{1} << bits) || c[2].dtype() != mx::float32)) {
+    bad("lloyd levels must be float32 [2^bits]");
+  }
+  return rk;
+}
+
+mx::array rotation(const std::optional<mx::array>& r, int D, mx::StreamOrDevice s) {
+  if (r->shape() != mx::Shape{D, D}) bad("rotations must be [head_dim, head_dim]");
+  return mx::astype(*r, mx::float32, s);
+}
+
+} // namespace
+
+namespace {
+
+// Shared by the decode and prefill builders: validation, rotations, the graph node.
+mx::array build(const mx::array& q, const std::vector<mx::array>& k_comps,
+                const std::string& k_kind, int k_bits, const std::vector<mx::array>& v_comps,
+                const std::string& v_kind, int v_bits, const mx::array& tables,
+                const mx::array& lens, const mx::array* q_start, float scale, int window,
+                const std::optional<mx::array>& k_rotation,
+                const std::optional<mx::array>& v_rotation, int threads, int splits) {
+  if (q.ndim() != 3) bad("q [B, H, D] (prefill: [T, H, D]) expected");
+  const int D = q.shape(2);
+  const RowKind kk = check_pool(k_kind, k_bits, k_comps, D);
+  const RowKind vk = check_pool(v_kind, v_bits, v_comps, D);
+  const mx::array &k0 = k_comps[0], &v0 = v_comps[0];
+  if (k0.shape(0) != v0.shape(0) || k0.shape(1) != v0.shape(1) || k0.shape(2) != v0.shape(2)) {
+    bad("K and V pools must share [NB, BS, KVH]");
+  }
+  if (q.shape(1) % k0.shape(2) != 0) bad("H must be a multiple of the pools' KVH");
+  const int B = q_start == nullptr ? q.shape(0) : tables.shape(0);
+  if (tables.ndim() != 2 || tables.shape(0) != B || lens.ndim() != 1 || lens.shape(0) != B) {
+    bad("block_tables [B, MB] and seq_lens [B] expected");
+  }
+  if (q_start != nullptr && (q_start->ndim() != 1 || q_start->shape(0) != B + 1)) {
+    bad("q_start [B + 1] expected");
+  }
+  auto s = mx::default_stream(mx::Device::cpu);
+  mx::array q32 = mx::astype(q, mx::float32, s);
+  if (k_rotation) {
+    q32 = mx::matmul(q32, mx::transpose(rotation(k_rotation, D, s), s), s);
+  }
+  std::vector<mx::array> inputs = {mx::contiguous(q32, false, s)};
+  for (const auto* comps : {&k_comps, &v_comps}) {
+    for (const auto& c : *comps) {
+      // Unit stride inside a row (a no-op for the KVStore's row-contiguous pools).
+      inputs.push_back(c.ndim() == 4 && c.strides(3) == 1 ? c : mx::contiguous(c, false, s));
+    }
+  }
+  inputs.push_back(mx::contiguous(mx::astype(tables, mx::int32, s), false, s));
+  inputs.push_back(mx::contiguous(mx::astype(lens, mx::int32, s), false, s));
+  if (q_start != nullptr) {
+    inputs.push_back(mx::contiguous(mx::astype(*q_start, mx::int32, s), false, s));
+  }
+  auto out = mx::array(q.shape(), mx::float32,
+                       std::make_shared<PagedDecodeAttention>(
+                           s, scale, window, threads, splits, static_cast<int>(kk), k_bits,
+                           static_cast<int>(vk), v_bits, q_start != nullptr),
+                       std::move(inputs));
+  if (v_rotation) {
+    out = mx::matmul(out, rotation(v_rotation, D, s), s);
+  }
+  return mx::astype(out, q.dtype(), s);
+}
+
+} // namespace
+
+mx::array paged_decode_attention_packed(
+    const mx::array& q, const std::vector<mx::array>& k_comps, const std::string& k_kind,
+    int k_bits, const std::vector<mx::array>& v_comps, const std::string& v_kind, int v_bits,
+    const mx::array& tables, const mx::array& lens, float scale, int window,
+    const std::optional<mx::array>& k_rotation, const std::optional<mx::array>& v_rotation,
+    int threads, int splits) {
+  return build(q, k_comps, k_kind, k_bits, v_comps, v_kind, v_bits, tables, lens, nullptr,
+               scale, window, k_rotation, v_rotation, threads, splits);
+}
+
+mx::array paged_prefill_attention_packed(
+    const mx::array& q, const std::vector<mx::array>& k_comps, const std::string& k_kind,
+    int k_bits, const std::vector<mx::array>& v_comps, const std::string& v_kind, int v_bits,
+    const mx::array& tables, const mx::array& q_start, const mx::array& lens, float scale,
+    int window, const std::optional<mx::array>& k_rotation,
+    const std::optional<mx::array>& v_rotation, int threads) {
+  return build(q, k_comps, k_kind, k_bits, v_comps, v_kind, v_bits, tables, lens, &q_start,
+               scale, window, k_rotation, v_rotation, threads, 1);
 }
 
 mx::array paged_decode_attention(const mx::array& q, const mx::array& k_pool,
                                  const mx::array& v_pool, const mx::array& block_tables,
                                  const mx::array& seq_lens, float scale, int sliding_window,
-                                 int num_threads) {
-  if (q.ndim() != 3 || k_pool.ndim() != 4 || k_pool.shape() != v_pool.shape() ||
-      k_pool.shape(3) != q.shape(2) || q.shape(1) % k_pool.shape(2) != 0) {
-    throw std::invalid_argument(
-        "[paged_decode_attention] q [B,H,D] and pools [NB,BS,KVH,D] with H % KVH == 0");
-  }
-  if (block_tables.ndim() != 2 || block_tables.shape(0) != q.shape(0) ||
-      seq_lens.ndim() != 1 || seq_lens.shape(0) != q.shape(0)) {
-    throw std::invalid_argument("[paged_decode_attention] block_tables [B,MB], seq_lens [B]");
-  }
+                                 int num_threads, int num_splits) {
   if (k_pool.dtype() != q.dtype() || v_pool.dtype() != q.dtype()) {
-    throw std::invalid_argument("[paged_decode_attention] pools and q must share a dtype");
+    bad("pools and q must share a dtype");
   }
-  auto s = mx::default_stream(mx::Device::cpu);
-  std::vector<mx::array> inputs = {
-      mx::contiguous(q, false, s), k_pool, v_pool,
-      mx::contiguous(mx::astype(block_tables, mx::int32, s), false, s),
-      mx::contiguous(mx::astype(seq_lens, mx::int32, s), false, s)};
-  return mx::array(q.shape(), q.dtype(),
-                   std::make_shared<PagedDecodeAttention>(s, scale, sliding_window,
-                                                          num_threads),
-                   std::move(inputs));
+  return paged_decode_attention_packed(q, {k_pool}, "identity", 0, {v_pool}, "identity", 0,
+                                       block_tables, seq_lens, scale, sliding_window,
+                                       std::nullopt, std::nullopt, num_threads, num_splits);
 }
 
 } // namespace mlxkv

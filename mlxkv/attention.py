@@ -9,7 +9,9 @@ one sequence at a time. No token padding is ever added to the batch.
 Decode rows can instead go through a `DecodeOp` (the fused kernels of mlxkv.kernels on
 Metal, see `kernel_decode`; the compiled CPU primitive, see `cpu_decode`): it reads K/V
 straight from the pools through the block tables, so no gathered copy of the context is
-made. Prefill chunks always take the reference path.
+made. A decode op with a prefill twin (`PREFILL_OPS`: the CPU primitive's `cpu_prefill`)
+also takes batches with prefill chunks, all rows in one call; otherwise prefill chunks take
+the reference path.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from functools import partial
 
 import mlx.core as mx
 
-from mlxkv.codec.identity import IdentityCodec
+from mlxkv.codec.base import IDENTITY
 from mlxkv.inputs import BatchInputs
 from mlxkv.kernels import paged_attention_kernel, paged_attention_quant_kernel
 from mlxkv.kernels._source import is_metal_available, run_metal
 from mlxkv.kernels.paged_attention import is_kernel_supported as dense_supported
-from mlxkv.kernels.paged_attention_cpu import cpu_decode, is_cpu_kernel_available
+from mlxkv.kernels.paged_attention_cpu import cpu_decode, cpu_prefill, is_cpu_kernel_available
 from mlxkv.kernels.paged_attention_quant import is_kernel_supported as quant_supported
 from mlxkv.kernels.paged_attention_quant import pool_kv_heads
 from mlxkv.kv_store import KVStore
@@ -32,6 +34,9 @@ from mlxkv.kv_store import KVStore
 # (q [B, H, D], store, layer_id, block_tables [B, MB], seq_lens [B], scale, window)
 #   -> [B, H, D], or None when the op does not handle this layer (the reference runs).
 DecodeOp = Callable[..., mx.array | None]
+# A decode op's twin for batches with prefill chunks: (q [T, H, D], store, layer_id,
+# block_tables [B, MB], batch, scale, window) -> [T, H, D] or None (the reference runs).
+PREFILL_OPS = {cpu_decode: cpu_prefill}
 
 
 def kernel_decode(q, store: KVStore, layer_id: int, tables, seq_lens, scale, window,
@@ -45,10 +50,13 @@ def kernel_decode(q, store: KVStore, layer_id: int, tables, seq_lens, scale, win
     k_pool, v_pool = store.k_pool(layer_id), store.v_pool(layer_id)
     kw = dict(queries=q, block_tables=tables, seq_lens=seq_lens, scale=scale,
               sliding_window=window, executor=executor)
-    if isinstance(k_codec, IdentityCodec) and isinstance(v_codec, IdentityCodec):
-        if not dense_supported(q, k_pool["x"]):
+    k_layout, v_layout = k_codec.kernel_layout, v_codec.kernel_layout
+    if k_layout.kind == IDENTITY and v_layout.kind == IDENTITY:
+        k_values = k_layout.component(k_pool, "values")
+        if not dense_supported(q, k_values):
             return None
-        return paged_attention_kernel(k_pool=k_pool["x"], v_pool=v_pool["x"], **kw)
+        return paged_attention_kernel(k_pool=k_values,
+                                      v_pool=v_layout.component(v_pool, "values"), **kw)
     if not quant_supported(q, k_codec, v_codec, pool_kv_heads(k_pool)):
         return None
     return paged_attention_quant_kernel(k_pool=k_pool, v_pool=v_pool, k_codec=k_codec,
@@ -142,6 +150,11 @@ def paged_attention(
     if batch.is_decode_only:
         return _decode_batch(q, store, layer_id, tables, batch.positions, scale, sliding_window,
                              batch.memo, decode_op)
+    prefill_op = getattr(decode_op, "prefill", None) or PREFILL_OPS.get(decode_op)
+    if prefill_op is not None:
+        out = prefill_op(q, store, layer_id, tables, batch, scale, sliding_window)
+        if out is not None:
+            return out
     starts = batch.query_start_loc
     outs: dict[int, mx.array] = {}
     decode_rows, chunks = [], {}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from mlxkv.codec.base import AFFINE, KernelLayout
+
 
 class AffineCodec:
     def __init__(self, bits: int = 8, group_size: int = 64):
@@ -20,6 +22,12 @@ class AffineCodec:
     @property
     def metadata(self) -> dict:
         return {"codec": "affine", "bits": self.bits, "group_size": self.group_size}
+
+    @property
+    def kernel_layout(self) -> KernelLayout:
+        return KernelLayout(AFFINE, self.bits,
+                            {"codes": "q", "scales": "scales", "biases": "biases"},
+                            group_size=self.group_size)
 
     def _groups(self, head_dim: int) -> int:
         if head_dim % self.group_size:

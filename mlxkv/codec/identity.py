@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from mlxkv.codec.base import IDENTITY, KernelLayout
+
 
 class IdentityCodec:
     """Stores vectors unchanged; `dtype` None keeps the model's KV dtype (exact mlx-lm parity)."""
@@ -18,6 +20,11 @@ class IdentityCodec:
     @property
     def metadata(self) -> dict:
         return {"codec": self.name}
+
+    @property
+    def kernel_layout(self) -> KernelLayout:
+        bits = 0 if self.dtype is None else 8 * self.dtype.size
+        return KernelLayout(IDENTITY, bits, {"values": "x"})
 
     def _store_dtype(self, dtype: mx.Dtype) -> mx.Dtype:
         return self.dtype or dtype

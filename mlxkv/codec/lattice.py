@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from mlxkv.codec.base import D4, E8, KernelLayout
 from mlxkv.codec.rotation import rotate, unrotate
 
 # Step constants c_{L,m}: optimal for Gaussian coordinates, not yet re-tuned on captured KV
@@ -106,6 +107,12 @@ class LatticeCodec:
     @property
     def metadata(self) -> dict:
         return {"codec": self.lattice, "m": self.bits, "seed": self.seed, "scale": "fp16"}
+
+    @property
+    def kernel_layout(self) -> KernelLayout:
+        return KernelLayout(E8 if self.lattice == "e8" else D4, self.bits,
+                            {"codes": "codes", "scales": "scale"}, rotation_seed=self.seed,
+                            step=_STEP[(self.lattice, self.bits)])
 
     def packed_spec(self, head_dim: int, dtype: mx.Dtype):
         if head_dim % 8:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from mlxkv.codec.base import LLOYD, KernelLayout
 from mlxkv.codec.lattice import _pack_words, _unpack_words
 from mlxkv.codec.rotation import rotate, unrotate
 
@@ -35,6 +36,13 @@ class LloydCodec:
     @property
     def metadata(self) -> dict:
         return {"codec": "lloyd", "m": self.bits, "seed": self.seed}
+
+    @property
+    def kernel_layout(self) -> KernelLayout:
+        pos = _LEVELS[self.bits]
+        return KernelLayout(LLOYD, self.bits, {"codes": "codes", "scales": "scale"},
+                            rotation_seed=self.seed,
+                            levels=tuple(-v for v in reversed(pos)) + pos)
 
     def packed_spec(self, head_dim: int, dtype: mx.Dtype):
         return {"codes": ((head_dim // 8 * self.bits,), mx.uint8), "scale": ((1,), mx.float16)}

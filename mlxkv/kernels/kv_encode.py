@@ -17,9 +17,7 @@ from collections.abc import Callable, MutableMapping
 
 import mlx.core as mx
 
-from mlxkv.codec.base import KVCodec
-from mlxkv.codec.lattice import _STEP as LATTICE_STEPS  # NOTE: c_{L,m}, see docs/kernels.md
-from mlxkv.codec.lattice import LatticeCodec
+from mlxkv.codec.base import D4, E8, KVCodec
 from mlxkv.codec.rotation import rotation_matrix
 from mlxkv.kernels._hadamard import rotation_signs
 from mlxkv.kernels._source import (
@@ -40,12 +38,14 @@ def _spec():
 
 
 def is_kernel_supported(x: mx.array, codec: KVCodec) -> bool:
-    """True for lattice codecs at head_dim 64/128/256 and float inputs."""
-    return (isinstance(codec, LatticeCodec) and x.shape[-1] in SUPPORTED_HEAD_DIMS
+    """True for lattice layouts (E8/D4, m = 2..4) at head_dim 64/128/256 and float inputs."""
+    layout = codec.kernel_layout
+    return (layout.kind in (E8, D4) and layout.bits in (2, 3, 4)
+            and x.shape[-1] in SUPPORTED_HEAD_DIMS
             and x.dtype in (mx.float32, mx.float16, mx.bfloat16))
 
 
-def plan_kv_encode(*, x: mx.array, codec: LatticeCodec) -> KernelLaunch:
+def plan_kv_encode(*, x: mx.array, codec: KVCodec) -> KernelLaunch:
     """Launch plan: grid (D, N), one threadgroup of D threads per vector of x [..., D]."""
     if not is_kernel_supported(x, codec):
         raise ValueError(f"kv_encode_kernel supports lattice codecs at D in "
@@ -53,25 +53,27 @@ def plan_kv_encode(*, x: mx.array, codec: LatticeCodec) -> KernelLaunch:
     D = x.shape[-1]
     flat = x.reshape(-1, D)
     N = flat.shape[0]
-    signs = rotation_signs(rotation_matrix(D, codec.seed))
-    step = mx.array([LATTICE_STEPS[(codec.lattice, codec.bits)]], dtype=mx.float32)
+    layout = codec.kernel_layout
+    signs = rotation_signs(rotation_matrix(D, layout.rotation_seed))
+    step = mx.array([layout.step], dtype=mx.float32)
     return KernelLaunch(
         spec=_spec(), inputs=[flat, signs, step],
-        template=[("T", x.dtype), ("D", D), ("LAT", 1 if codec.lattice == "e8" else 2),
-                  ("M", codec.bits)],
+        template=[("T", x.dtype), ("D", D), ("LAT", 1 if layout.kind == E8 else 2),
+                  ("M", layout.bits)],
         grid=(D, max(N, 1), 1), threadgroup=(D, 1, 1),
-        output_shapes=[(max(N, 1), D // 8 * codec.bits), (max(N, 1), 1)],
+        output_shapes=[(max(N, 1), D // 8 * layout.bits), (max(N, 1), 1)],
         output_dtypes=[mx.uint8, mx.float16])
 
 
-def kv_encode_kernel(*, x: mx.array, codec: LatticeCodec,
+def kv_encode_kernel(*, x: mx.array, codec: KVCodec,
                      executor: Executor = run_metal) -> dict[str, mx.array]:
     """Kernel path: x [..., D] -> {"codes": [..., D/8*m] uint8, "scale": [..., 1] float16}."""
     lead = x.shape[:-1]
     if 0 in lead:
         return kv_encode_ref(x=x, codec=codec)
     codes, scale = executor(plan_kv_encode(x=x, codec=codec))
-    return {"codes": codes.reshape(*lead, -1), "scale": scale.reshape(*lead, 1)}
+    roles = codec.kernel_layout.roles
+    return {roles["codes"]: codes.reshape(*lead, -1), roles["scales"]: scale.reshape(*lead, 1)}
 
 
 def kv_encode_ref(*, x: mx.array, codec: KVCodec) -> dict[str, mx.array]:

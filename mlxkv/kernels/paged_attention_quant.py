@@ -18,9 +18,10 @@ from collections.abc import Callable, Mapping
 
 import mlx.core as mx
 
-from mlxkv.codec.affine import AffineCodec
+from mlxkv.codec.base import AFFINE as AFFINE_KIND
+from mlxkv.codec.base import D4 as D4_KIND
+from mlxkv.codec.base import E8 as E8_KIND
 from mlxkv.codec.base import KVCodec
-from mlxkv.codec.lattice import LatticeCodec
 from mlxkv.codec.rotation import rotation_matrix
 from mlxkv.kernels._hadamard import rotation_signs
 from mlxkv.kernels._source import (
@@ -43,7 +44,9 @@ from mlxkv.kernels.paged_attention_combine import paged_attention_combine_kernel
 
 Executor = Callable[[KernelLaunch], list[mx.array]]
 Pools = Mapping[str, mx.array]
-AFFINE, E8, D4 = 0, 1, 2
+AFFINE, E8, D4 = 0, 1, 2  # the body's codec ids (KC/VC)
+_KERNEL_CODECS = {AFFINE_KIND: (AFFINE, (4, 8)), E8_KIND: (E8, (2, 3, 4)),
+                  D4_KIND: (D4, (2, 3, 4))}  # layout kind -> (codec id, bits it decodes)
 _TG_FLOATS = 6144  # tg_q + merge buffer floats (24 KiB of Metal's 32 KiB)
 
 
@@ -55,20 +58,25 @@ def _spec():
 
 
 def codec_kind(codec: KVCodec) -> tuple[int, int] | None:
-    """(kernel codec id, bits) for codecs the kernel decodes, else None."""
-    if isinstance(codec, AffineCodec) and codec.group_size == 64:
-        return AFFINE, codec.bits
-    if isinstance(codec, LatticeCodec):
-        return (E8 if codec.lattice == "e8" else D4), codec.bits
-    return None
+    """(kernel codec id, bits) for layouts the kernel decodes (from `codec.kernel_layout`:
+    affine group 64 at 4/8 bits, E8/D4 at m = 2..4), else None."""
+    layout = codec.kernel_layout
+    known = _KERNEL_CODECS.get(layout.kind)
+    if known is None or layout.bits not in known[1]:
+        return None
+    if layout.kind == AFFINE_KIND and layout.group_size != 64:
+        return None
+    return known[0], layout.bits
 
 
 def _components(pool: Pools, codec: KVCodec, head_dim: int):
     """(codes as uint8 [..., D*bits/8], scales f16, biases f16 (>= 8 elements), signs|None)."""
-    if isinstance(codec, AffineCodec):
-        return pool["q"].view(mx.uint8), pool["scales"], pool["biases"], None
-    signs = rotation_signs(rotation_matrix(head_dim, codec.seed))
-    return pool["codes"], pool["scale"], mx.zeros((8,), dtype=mx.float16), signs
+    layout = codec.kernel_layout
+    codes, scales = layout.component(pool, "codes"), layout.component(pool, "scales")
+    if layout.kind == AFFINE_KIND:
+        return codes.view(mx.uint8), scales, layout.component(pool, "biases"), None
+    signs = rotation_signs(rotation_matrix(head_dim, layout.rotation_seed))
+    return codes, scales, mx.zeros((8,), dtype=mx.float16), signs
 
 
 def simdgroups_for(gqa: int, head_dim: int) -> int:

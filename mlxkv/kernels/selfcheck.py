@@ -50,6 +50,7 @@ class Backend:
     decode_op: DecodeOp | None
     encoder: Encoder | None = None
     is_accelerator: bool = False
+    prefill_op: Callable[..., mx.array | None] | None = None  # the decode op's prefill twin
 
 
 @dataclass(slots=True)
@@ -94,7 +95,8 @@ def detect_backend(attention_name: str = "auto", verbose: bool = False) -> Backe
     op = attention.default_decode_op(attention_name, verbose)
     if attention.is_metal_available():
         return Backend("metal", op, kernel_encoder(partial(run_metal, verbose=verbose)), True)
-    return Backend("cpu-ext" if op is not None else "reference", op)
+    return Backend("cpu-ext" if op is not None else "reference", op,
+                   prefill_op=attention.PREFILL_OPS.get(op))
 
 
 def decode_key(store: KVStore, layer_id: int) -> str:
@@ -163,6 +165,16 @@ class KernelGuard:
         return self._guarded(decode_key(store, layer_id), lambda: self.backend.decode_op(
             q, store, layer_id, tables, seq_lens, scale, window))
 
+    __call__ = decode  # the guard is the runner's DecodeOp
+
+    def prefill(self, q, store: KVStore, layer_id: int, tables, batch, scale, window):
+        """The backend's prefill twin (attention.PREFILL_OPS), or None (the reference runs)."""
+        if self.backend.prefill_op is None:
+            return None
+        return self._guarded("prefill" + decode_key(store, layer_id)[len("decode"):],
+                             lambda: self.backend.prefill_op(q, store, layer_id, tables, batch,
+                                                             scale, window))
+
     def encode(self, *, x: mx.array, codec) -> dict[str, mx.array]:
         """Encoder: the backend's encode kernel, or codec.encode on any failure."""
         if not encode_supported(x, codec):
@@ -176,7 +188,7 @@ class KernelGuard:
         reference path, as without kernels)."""
         if self.backend.encoder is not None:
             store.encoder = self.encode
-        return self.decode if self.backend.decode_op is not None else None
+        return self if self.backend.decode_op is not None else None
 
     # -- the start-up self-check ----------------------------------------------------------
     def run_selfcheck(self, store: KVStore, num_heads: int | None) -> None:
