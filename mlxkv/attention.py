@@ -9,9 +9,9 @@ one sequence at a time. No token padding is ever added to the batch.
 Decode rows can instead go through a `DecodeOp` (the fused kernels of mlxkv.kernels on
 Metal, see `kernel_decode`; the compiled CPU primitive, see `cpu_decode`): it reads K/V
 straight from the pools through the block tables, so no gathered copy of the context is
-made. A decode op with a prefill twin (`PREFILL_OPS`: the CPU primitive's `cpu_prefill`)
-also takes batches with prefill chunks, all rows in one call; otherwise prefill chunks take
-the reference path.
+made. A decode op with a prefill twin (its `prefill` attribute, as the engine's KernelGuard
+has, or `PREFILL_OPS`: the CPU primitive's `cpu_prefill`) also takes batches with prefill
+chunks, all rows in one call; otherwise prefill chunks take the reference path.
 """
 
 from __future__ import annotations

@@ -334,3 +334,36 @@ def test_engine_prefill_through_the_primitive_matches_reference(monkeypatch):
     for ref, got in zip(ref_steps, got_steps, strict=True):
         assert float(mx.max(mx.abs(got - ref)) / mx.max(mx.abs(ref))) < ENGINE_TOL["int8"]
     assert got_tokens == ref_tokens
+
+
+def test_engine_built_from_config_runs_the_prefill_twin(monkeypatch):
+    """An LLMEngine built the normal way (its KernelGuard is the runner's op) sends batches
+    with prefill chunks through cpu_prefill, and its logits equal the reference engine's."""
+    from oracles import assert_same, run
+
+    import mlxkv.attention as attention
+    from mlxkv.config import CacheConfig, EngineConfig, SchedulerConfig
+    from mlxkv.llm import LLM
+
+    calls = []
+
+    def counting(*args):
+        out = cpu_prefill(*args)
+        calls.append(out is not None)
+        return out
+    monkeypatch.setitem(attention.PREFILL_OPS, cpu_decode, counting)
+    model = make_tiny_model("llama", head_dim=64, num_attention_heads=4,
+                            num_key_value_heads=2, hidden_size=128)
+    prompts = [[(7 * i + 3) % 97 + 1 for i in range(37)], [5, 9, 11, 2, 40, 41, 3]]
+
+    def llm(backend):
+        return LLM(EngineConfig(cache=CacheConfig(block_size=4, num_blocks=256),
+                                scheduler=SchedulerConfig(max_num_batched_tokens=16),
+                                attention=backend), loaded=(model, None))
+    fast = llm("auto")
+    assert fast.engine.kernels.report()["backend"] == "cpu-ext"
+    got = run(fast, prompts)
+    assert calls and all(calls)
+    want = run(llm("reference"), prompts)
+    for rid in want:
+        assert_same(got[rid], want[rid], f"cpu-ext vs reference {rid}")
