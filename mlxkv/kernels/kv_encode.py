@@ -18,7 +18,6 @@ from collections.abc import Callable, MutableMapping
 import mlx.core as mx
 
 from mlxkv.codec.base import KVCodec
-from mlxkv.codec.lattice import _STEP as LATTICE_STEPS  # NOTE: c_{L,m}, see docs/kernels.md
 from mlxkv.codec.lattice import LatticeCodec
 from mlxkv.codec.rotation import rotation_matrix
 from mlxkv.kernels._hadamard import rotation_signs
@@ -40,8 +39,10 @@ def _spec():
 
 
 def is_kernel_supported(x: mx.array, codec: KVCodec) -> bool:
-    """True for lattice codecs at head_dim 64/128/256 and float inputs."""
-    return (isinstance(codec, LatticeCodec) and x.shape[-1] in SUPPORTED_HEAD_DIMS
+    """True for lattice codecs at m = 2..4 (32-bit block words), head_dim 64/128/256 and
+    float inputs; other rates fall back to the reference encode."""
+    return (isinstance(codec, LatticeCodec) and codec.bits in (2, 3, 4)
+            and x.shape[-1] in SUPPORTED_HEAD_DIMS
             and x.dtype in (mx.float32, mx.float16, mx.bfloat16))
 
 
@@ -54,7 +55,7 @@ def plan_kv_encode(*, x: mx.array, codec: LatticeCodec) -> KernelLaunch:
     flat = x.reshape(-1, D)
     N = flat.shape[0]
     signs = rotation_signs(rotation_matrix(D, codec.seed))
-    step = mx.array([LATTICE_STEPS[(codec.lattice, codec.bits)]], dtype=mx.float32)
+    step = mx.array([codec.step], dtype=mx.float32)
     return KernelLaunch(
         spec=_spec(), inputs=[flat, signs, step],
         template=[("T", x.dtype), ("D", D), ("LAT", 1 if codec.lattice == "e8" else 2),

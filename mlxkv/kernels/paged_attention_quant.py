@@ -44,6 +44,7 @@ from mlxkv.kernels.paged_attention_combine import paged_attention_combine_kernel
 Executor = Callable[[KernelLaunch], list[mx.array]]
 Pools = Mapping[str, mx.array]
 AFFINE, E8, D4 = 0, 1, 2
+KERNEL_LATTICE_BITS = (2, 3, 4)
 _TG_FLOATS = 6144  # tg_q + merge buffer floats (24 KiB of Metal's 32 KiB)
 
 
@@ -56,9 +57,11 @@ def _spec():
 
 def codec_kind(codec: KVCodec) -> tuple[int, int] | None:
     """(kernel codec id, bits) for codecs the kernel decodes, else None."""
-    if isinstance(codec, AffineCodec) and codec.group_size == 64:
+    # NOTE: the Metal decode handles affine 4/8 and lattice m = 2..4 (32-bit block words);
+    # other rates (int6, e8m5..8) fall back to the reference path instead of mis-decoding.
+    if isinstance(codec, AffineCodec) and codec.group_size == 64 and codec.bits in (4, 8):
         return AFFINE, codec.bits
-    if isinstance(codec, LatticeCodec):
+    if isinstance(codec, LatticeCodec) and codec.bits in KERNEL_LATTICE_BITS:
         return (E8 if codec.lattice == "e8" else D4), codec.bits
     return None
 
