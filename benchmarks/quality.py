@@ -20,6 +20,7 @@ read (same logits, far slower). Bytes are the packed codec's, metadata included.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -55,18 +56,39 @@ def windows_from_corpus(tokenizer, ctx: int, num: int, offset_chars: int) -> lis
     return [ids[i * ctx : (i + 1) * ctx] for i in range(num)]
 
 
-def _step_scores(logits, targets, ref_step):
-    """(nll [N], kl [N] or None, TopKReference or None) of one step's logits [N, vocab]."""
+def _scores(logits, targets, ref_chunk):
+    """(nll [N, T], kl [N, T] or None, TopKReference or None) of logits [N, T, vocab]."""
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    nll = -mx.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
-    if ref_step is None:
+    nll = -mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    if ref_chunk is None:
         return nll, None, TopKReference.of(logits)
-    return nll, ref_step.kl(logits), None
+    return nll, ref_chunk.kl(logits), None
 
 
-def run_codec(model, layer_codecs, windows, ref=None, block_size: int = 16, packed=False):
-    """Per-step (nll, kl) arrays [N, scored] of the decode halves, KV bytes per token, and
-    (when `ref` is None) the per-step TopKReference list to score later codecs against."""
+def _chunk_batch(cache, windows, start, end, logits_all: bool):
+    entries = []
+    for i, w in enumerate(windows):
+        cache.allocate_slots(str(i), end - start)
+        entries.append(SeqEntry(w[start:end], start, cache.slot_mapping(str(i), start, end),
+                                cache.block_tables(str(i))))
+    batch = build_batch(entries)
+    if logits_all:  # every position of the chunk is scored (teacher forcing)
+        rows = [i * (end - start) + p for i in range(len(windows)) for p in range(end - start)]
+        batch = dataclasses.replace(batch, logits_indices=mx.array(rows, dtype=mx.int32))
+    return batch
+
+
+def run_codec(model, layer_codecs, windows, ref=None, block_size: int = 16, packed=False,
+              chunk: int = 1):
+    """Scores of the second halves: nll and kl [N, scored], the store, and (when `ref` is
+    None) the per-chunk TopKReference list to score later codecs against.
+
+    The first half is prefilled in one chunk; the second half goes through the paged cache
+    `chunk` tokens per forward (1: token by token). Teacher-forced, every chunk size reads
+    the same coded K/V (each token's K/V are written, coded, before any query reads them),
+    so the logits agree to fp32 noise (tests/codec/test_roundtrip.py, and `chunk_check` in
+    this script's JSON); larger chunks only save forwards.
+    """
     groups = group_specs_for(model)
     ctx = len(windows[0])
     blocks = [len(windows) * (ctx // block_size + 2) + 1] * len(groups)
@@ -75,29 +97,26 @@ def run_codec(model, layer_codecs, windows, ref=None, block_size: int = 16, pack
     cache = KVCacheManager(groups, blocks, block_size, enable_prefix_caching=False)
     runner = ModelRunner(model, store, None if packed else default_decode_op())
     half, all_ids = ctx // 2, mx.array(windows)
-    entries = []
     for i, w in enumerate(windows):
         cache.lookup(str(i), w)
-        cache.allocate_slots(str(i), half)
-        entries.append(SeqEntry(w[:half], 0, cache.slot_mapping(str(i), 0, half),
-                                cache.block_tables(str(i))))
-    logits = runner.forward(build_batch(entries))
+    # the prefill's last logits predict token `half`; a chunk over [a, b) predicts a+1..b
+    logits = runner.forward(_chunk_batch(cache, windows, 0, half, False))[:, None]
     nlls, kls, refs = [], [], []
-    for pos in range(half, ctx):
-        nll, kl, r = _step_scores(logits, all_ids[:, pos], None if ref is None else ref[pos - half])
-        mx.eval(nll, kl) if kl is not None else mx.eval(nll)
+    pos = half  # the next token to score
+    while True:
+        nll, kl, r = _scores(logits, all_ids[:, pos:pos + logits.shape[1]],
+                             None if ref is None else ref[len(nlls)])
+        mx.eval(nll) if kl is None else mx.eval(nll, kl)
         nlls.append(nll), kls.append(kl), refs.append(r)
-        if pos == ctx - 1:
+        pos += logits.shape[1]
+        if pos >= ctx:
             break
-        entries = []
-        for i, w in enumerate(windows):
-            cache.allocate_slots(str(i), 1)
-            entries.append(SeqEntry([w[pos]], pos, cache.slot_mapping(str(i), pos, pos + 1),
-                                    cache.block_tables(str(i))))
-        logits = runner.forward(build_batch(entries))
+        start, end = pos - 1, min(ctx - 1, pos - 1 + chunk)
+        logits = runner.forward(_chunk_batch(cache, windows, start, end, True))
+        logits = logits.reshape(len(windows), end - start, -1)
         mx.eval(logits, store.arrays())
-    kl = None if ref is None else mx.stack(kls, axis=1)
-    return mx.stack(nlls, axis=1), kl, store, (refs if ref is None else None)
+    kl = None if ref is None else mx.concatenate(kls, axis=1)
+    return mx.concatenate(nlls, axis=1), kl, store, (refs if ref is None else None)
 
 
 def iso_table(rows: list[dict], key: str = "x_vs_fp16") -> list[dict]:
@@ -129,10 +148,23 @@ def family_of(spec: str) -> str:
     return "affine" if head.startswith("int") else "full"
 
 
-def evaluate(model, name, specs, windows, packed) -> list[dict]:
+def chunk_check(model, windows, spec: str, chunk: int) -> dict:
+    """Max |difference| of per-token NLL and KL between token-by-token decode and `chunk`."""
+    codecs = parse_kv_codec(spec, len(model.layers))
+    one = run_codec(model, None, windows, chunk=1)
+    many = run_codec(model, None, windows, chunk=chunk)
+    a = run_codec(model, codecs, windows, one[3], chunk=1)
+    b = run_codec(model, codecs, windows, many[3], chunk=chunk)
+    return {"spec": spec, "ctx": len(windows[0]), "windows": len(windows), "chunk": chunk,
+            "max_abs_nll_diff": mx.max(mx.abs(a[0] - b[0])).item(),
+            "max_abs_kl_diff": mx.max(mx.abs(a[1] - b[1])).item(),
+            "mean_nll_token_by_token": mx.mean(a[0]).item(), "mean_nll_chunked": mx.mean(b[0]).item()}
+
+
+def evaluate(model, name, specs, windows, packed, chunk) -> list[dict]:
     geo = geometry(model)
     ctx = len(windows[0])
-    ref_nll, _, store, ref = run_codec(model, None, windows, packed=packed)
+    ref_nll, _, store, ref = run_codec(model, None, windows, packed=packed, chunk=chunk)
     rows = []
     for spec in specs:
         t0 = time.time()
@@ -140,7 +172,8 @@ def evaluate(model, name, specs, windows, packed) -> list[dict]:
         if spec == "auto":
             nll, kl = ref_nll, mx.zeros(ref_nll.shape)
         else:
-            nll, kl, store, _ = run_codec(model, codecs, windows, ref, packed=packed)
+            nll, kl, store, _ = run_codec(model, codecs, windows, ref, packed=packed,
+                                          chunk=chunk)
         b = split_bytes(geo, codecs, store.dtype)
         ppl = math.exp(mx.mean(nll).item())
         rows.append({"codec": spec, "family": family_of(spec), **b,
@@ -156,6 +189,20 @@ def evaluate(model, name, specs, windows, packed) -> list[dict]:
     return rows
 
 
+def _tag(name: str, args) -> str:
+    return f"quality_{name.split()[0]}" + ("_quick" if args.quick else "") + args.tag
+
+
+def _merge(out: str, name: str, args, ctx: int, rows: list[dict]) -> list[dict]:
+    """Earlier rows of the same tag and window length, then these (replacing equal specs)."""
+    import json
+
+    path = Path(out) / f"{_tag(name, args)}.json"
+    old = json.loads(path.read_text())["by_ctx"].get(str(ctx), {"rows": []})["rows"]
+    new = {r["codec"] for r in rows if r["codec"] != "auto"}
+    return [r for r in old if r["codec"] not in new] + [r for r in rows if r["codec"] != "auto"]
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
@@ -165,7 +212,13 @@ def main(argv=None) -> dict:
     p.add_argument("--offset-chars", type=int, default=100_000)
     p.add_argument("--codecs", nargs="+", default=None)
     p.add_argument("--packed", action="store_true", help="store packed codes (slow)")
+    p.add_argument("--chunk", type=int, default=256,
+                   help="second-half tokens per forward (1: token by token)")
+    p.add_argument("--check-ctx", type=int, default=128,
+                   help="window of the chunked-vs-token-by-token check (0: skip)")
     p.add_argument("--tag", default="")
+    p.add_argument("--append", action="store_true",
+                   help="add the rows to the existing JSON of the same tag (same windows)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     ctxs = args.ctx or ([16] if args.quick else [1024, 2048])
@@ -182,30 +235,45 @@ def main(argv=None) -> dict:
         loaded, name = load_model_for(args)
     model = loaded[0] if isinstance(loaded, tuple) else loaded.model
     settings = {"ctx": ctxs, "windows": num, "protocol": "prefill first half in one chunk, "
-                "decode second half token by token through the compressed paged cache",
+                f"then the second half teacher-forced through the compressed paged cache, "
+                f"{args.chunk} token(s) per forward", "chunk": args.chunk,
                 "corpus": "Mansfield Park", "offset_chars": args.offset_chars,
                 "storage": "packed" if args.packed else "round trip (same logits as packed)",
                 "kl": "top-64 + tail"}
     h = header(name, "float32", settings)
     print_header(h)
+    check = None
+    if args.check_ctx and args.chunk > 1:
+        if args.quick and not args.model:
+            cw = [[(7 * i + 3 * j) % 500 + 1 for i in range(args.check_ctx)] for j in range(2)]
+        else:
+            cw = windows_from_corpus(loaded.tokenizer, args.check_ctx, 2, args.offset_chars)
+        check = chunk_check(model, cw, "e8:k5v4", min(args.chunk, args.check_ctx // 4))
+        print(f"# chunked vs token-by-token: {check}", flush=True)
+    if args.append and check is None:
+        import json
+
+        check = json.loads((Path(args.out) / f"{_tag(name, args)}.json").read_text())["chunk_check"]
     by_ctx = {}
     for ctx in ctxs:
         if args.quick and not args.model:
             windows = [[(7 * i + 3 * j) % 500 + 1 for i in range(ctx)] for j in range(num)]
         else:
             windows = windows_from_corpus(loaded.tokenizer, ctx, num, args.offset_chars)
-        rows = evaluate(model, name, codecs, windows, args.packed)
+        rows = evaluate(model, name, codecs, windows, args.packed, args.chunk)
+        if args.append:
+            rows = _merge(args.out, name, args, ctx, rows)
         by_ctx[str(ctx)] = {"rows": rows, "iso_dppl": iso_table(rows),
                             "iso_dppl_at_ctx": iso_table(rows, "x_vs_fp16_at_ctx")}
     geo = geometry(model)
     main_ctx = by_ctx[str(max(ctxs))]
     proj = {r["codec"]: projection(geo, parse_kv_codec(r["codec"], len(model.layers), name),
                                    mx.float32, [2048, 32768, 131072]) for r in main_ctx["rows"]}
-    result = {**h, "num_layers": len(model.layers), "geometry": geo,
+    result = {**h, "num_layers": len(model.layers), "geometry": geo, "chunk_check": check,
               "fp16_bytes_per_token": main_ctx["rows"][0]["fp16_bytes_per_token"],
               "rows": main_ctx["rows"], "iso_dppl": main_ctx["iso_dppl"], "by_ctx": by_ctx,
               "projection": proj}
-    tag = f"quality_{name.split()[0]}" + ("_quick" if args.quick else "") + args.tag
+    tag = _tag(name, args)
     write_json(tag, result, args.out)
     series = {}
     for ctx, d in by_ctx.items():

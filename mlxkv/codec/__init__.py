@@ -11,6 +11,7 @@ Grammar (`,`-separated; the head first, then options):
              | seed=S                rotation seed (V uses S + 1)
              | l<a>[-<b>]=<head>     layers a..b (inclusive) use <head> instead (no options)
              | profile=PATH          the profile file for auto:<R>x
+             | family=F              auto:<R>x's codec family (default: the profile's)
 
 Examples: `e8:k6v5`, `int6`, `e8:k5v5,boundary=1,l0=int8`, `auto:3.0x`.
 """
@@ -89,9 +90,11 @@ def _parse_options(opts: list[str]) -> tuple[dict, list[tuple[range, str]]]:
             options[key] = int(value)
         elif key == "profile" and value:
             options[key] = value
+        elif key == "family" and value in ("e8", "d4", "lloyd"):
+            options[key] = value
         else:
             raise _bad(f"bad kv codec option {opt!r} (boundary=N, seed=S, l<a>-<b>=<codec>, "
-                       "profile=PATH)")
+                       "profile=PATH, family=e8|d4|lloyd)")
     return options, overrides
 
 
@@ -110,7 +113,7 @@ def parse_kv_codec(spec: str, num_layers: int,
         from mlxkv.codec.allocate import allocate_from_profile
 
         per_layer = allocate_from_profile(float(auto.group(1)), num_layers, model_name,
-                                          options.get("profile"))
+                                          options.get("profile"), options.get("family"))
         overrides = [(range(i, i + 1), h) for i, h in enumerate(per_layer)] + overrides
         default = None
     else:

@@ -102,13 +102,18 @@ def predicted_kl(profile: dict, per_layer: list[tuple[int, int]]) -> float:
 
 
 def allocate_from_profile(ratio: float, num_layers: int, model_name: str | None,
-                          path: str | None = None) -> list[str]:
-    """Per layer head specs (e.g. "e8:k6v5") for `auto:<ratio>x`."""
+                          path: str | None = None, family: str | None = None) -> list[str]:
+    """Per layer head specs (e.g. "e8:k6v5") for `auto:<ratio>x`.
+
+    `family` overrides the profile's codec family: the rates stay those chosen from the
+    profile (every family's error falls by the same ~6 dB per bit, so the ranking of
+    tensors, which is what the allocation uses, carries over).
+    """
     if not math.isfinite(ratio) or ratio < 1.0:
         raise InvalidRequestError(f"auto:{ratio}x: the ratio must be >= 1", param="kv_codec")
     profile = json.loads(profile_path(model_name, path).read_text())
     if len(profile["layers"]) != num_layers:
         raise InvalidRequestError(f"profile has {len(profile['layers'])} layers, the model "
                                   f"{num_layers}", param="kv_codec")
-    family = profile.get("family", "e8")
+    family = family or profile.get("family", "e8")
     return [f"{family}:k{k}v{v}" for k, v in allocate(profile, ratio)]

@@ -57,6 +57,8 @@ def test_auto_spec_reads_the_profile(tmp_path):
     expect = allocate(_profile(sens=[16.0, 1.0, 1.0, 4.0]), 3.0)
     assert [layers[i][0].bits for i in range(3)] == [k for k, _ in expect[:3]]
     assert layers[3][0].name == "int8"
+    lloyd = parse_kv_codec(f"auto:3.0x,profile={path},family=lloyd", 4)
+    assert [lloyd[i][0].name for i in range(4)] == [f"lloydm{k}" for k, _ in expect]
     with pytest.raises(InvalidRequestError):
         parse_kv_codec(f"auto:3.0x,profile={path}", 5)  # layer count mismatch
     with pytest.raises(InvalidRequestError):
