@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 
 from _common import RESULTS, bar_plot, header, print_header, write_json  # first: BLAS
 
@@ -88,8 +89,11 @@ def main(argv=None) -> dict:
     p.add_argument("--budget-mib", type=float, default=32.0)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--tag", default="")
+    p.add_argument("--quick", action="store_true", help="32-token sequences in 2 MiB")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
+    if args.quick:
+        args.seq_len, args.budget_mib, args.codecs = 32, 2.0, ["fp16", "int8"]
     loaded = load_model(args.model)
     budget = int(args.budget_mib * 2**20)
     h = header(loaded.name, "float32", {"budget_mib": args.budget_mib, "seq_len": args.seq_len,
@@ -102,7 +106,7 @@ def main(argv=None) -> dict:
         r["x_sequences_vs_first"] = r["admitted"] / base if base else None
     result = {**h, "rows": rows}
     write_json("capacity" + args.tag, result, args.out)
-    bar_plot(RESULTS / f"capacity{args.tag}.png", f"Sequences in {args.budget_mib} MiB of KV",
+    bar_plot(Path(args.out) / f"capacity{args.tag}.png", f"Sequences in {args.budget_mib} MiB of KV",
              {"sequences admitted": {r["codec"]: r["admitted"] for r in rows},
               "decode tok/s": {r["codec"]: r["at_admitted"]["decode_tok_s"] or 0 for r in rows}})
     return result

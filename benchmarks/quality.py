@@ -161,7 +161,7 @@ def chunk_check(model, windows, spec: str, chunk: int) -> dict:
             "mean_nll_token_by_token": mx.mean(a[0]).item(), "mean_nll_chunked": mx.mean(b[0]).item()}
 
 
-def evaluate(model, name, specs, windows, packed, chunk) -> list[dict]:
+def evaluate(model, name, specs, windows, packed, chunk, on_row=None) -> list[dict]:
     geo = geometry(model)
     ctx = len(windows[0])
     ref_nll, _, store, ref = run_codec(model, None, windows, packed=packed, chunk=chunk)
@@ -186,6 +186,8 @@ def evaluate(model, name, specs, windows, packed, chunk) -> list[dict]:
         print(f"ctx {ctx} {spec:>16}: {r['bytes_per_token']:6d} B/token ({r['x_vs_fp16']:4.2f}x,"
               f" {r['x_vs_fp16_at_ctx']:4.2f}x at ctx)  PPL {ppl:8.3f}  dPPL "
               f"{r['dppl_pct']:+6.2f}%  KL {r['kl']:.5f}  [{r['seconds']}s]", flush=True)
+        if on_row is not None:  # partial results survive an interrupted run
+            on_row(rows)
     return rows
 
 
@@ -193,14 +195,59 @@ def _tag(name: str, args) -> str:
     return f"quality_{name.split()[0]}" + ("_quick" if args.quick else "") + args.tag
 
 
-def _merge(out: str, name: str, args, ctx: int, rows: list[dict]) -> list[dict]:
-    """Earlier rows of the same tag and window length, then these (replacing equal specs)."""
+def merge(paths: list[str], name: str, out: str, tag: str) -> dict:
+    """One result from runs over the same windows: the first file's rows, then every later
+    file's rows (a later equal spec replaces an earlier one); tables recomputed."""
     import json
 
-    path = Path(out) / f"{_tag(name, args)}.json"
-    old = json.loads(path.read_text())["by_ctx"].get(str(ctx), {"rows": []})["rows"]
-    new = {r["codec"] for r in rows if r["codec"] != "auto"}
-    return [r for r in old if r["codec"] not in new] + [r for r in rows if r["codec"] != "auto"]
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    base = runs[0]
+    by_ctx = {}
+    for ctx in base["by_ctx"]:
+        rows = {}
+        for run in runs:
+            block = run["by_ctx"].get(ctx)
+            if block is None:
+                continue
+            ref = next(r for r in block["rows"] if r["codec"] == "auto")
+            ref0 = next(r for r in base["by_ctx"][ctx]["rows"] if r["codec"] == "auto")
+            assert abs(ref["ppl"] - ref0["ppl"]) < 1e-6 * ref0["ppl"], "different windows"
+            rows |= {r["codec"]: r for r in block["rows"]}
+        rows = list(rows.values())
+        by_ctx[ctx] = {"rows": rows, "iso_dppl": iso_table(rows),
+                       "iso_dppl_at_ctx": iso_table(rows, "x_vs_fp16_at_ctx")}
+    keep = {k: base[k] for k in ("timestamp", "git_revision", "hardware", "versions", "model",
+                                 "dtype", "settings")}
+    keep["merged_from"] = [Path(p).name for p in paths]
+    return finish(keep, name, base["num_layers"], base["geometry"], base["chunk_check"],
+                  by_ctx, out, tag)
+
+
+def finish(h: dict, name: str, num_layers: int, geo: list[dict], check, by_ctx: dict,
+           out: str, tag: str) -> dict:
+    """Projection, JSON and PNG of the per-window-length rows."""
+    main_ctx = by_ctx[max(by_ctx, key=int)]
+    proj = {r["codec"]: projection(geo, parse_kv_codec(r["codec"], num_layers, name),
+                                   mx.float32, [2048, 32768, 131072]) for r in main_ctx["rows"]}
+    result = {**h, "num_layers": num_layers, "geometry": geo, "chunk_check": check,
+              "fp16_bytes_per_token": main_ctx["rows"][0]["fp16_bytes_per_token"],
+              "rows": main_ctx["rows"], "iso_dppl": main_ctx["iso_dppl"], "by_ctx": by_ctx,
+              "projection": proj}
+    write_json(tag, result, out)
+    series = {}
+    for ctx, d in by_ctx.items():
+        for r in d["rows"]:
+            if r["family"] in ("affine", "lattice", "lloyd", "auto"):
+                xs, ys = series.setdefault(f"{r['family']} ({ctx})", ([], []))
+                xs.append(r["x_vs_fp16"])
+                ys.append(max(r["dppl_pct"], 1e-2))
+    for xs, ys in series.values():
+        order = sorted(range(len(xs)), key=xs.__getitem__)
+        xs[:], ys[:] = [xs[i] for i in order], [ys[i] for i in order]
+    plot(Path(out) / f"{tag}.png", f"KV compression vs dPPL, {name}",
+         "x smaller than fp16 (bytes/token, metadata included)", "dPPL % (log)", series,
+         log=True)
+    return result
 
 
 def main(argv=None) -> dict:
@@ -217,10 +264,16 @@ def main(argv=None) -> dict:
     p.add_argument("--check-ctx", type=int, default=128,
                    help="window of the chunked-vs-token-by-token check (0: skip)")
     p.add_argument("--tag", default="")
-    p.add_argument("--append", action="store_true",
-                   help="add the rows to the existing JSON of the same tag (same windows)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="only merge result files of the same model and windows (the first "
+                   "one's settings win) into --tag's file")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
+    if args.merge:
+        import json
+
+        name = json.loads(Path(args.merge[0]).read_text())["model"]
+        return merge(args.merge, name, args.out, _tag(name, args))
     ctxs = args.ctx or ([16] if args.quick else [1024, 2048])
     num = args.windows or (2 if args.quick else 8)
     codecs = args.codecs or (["auto", "int8", "e8:k6v5", "lloyd:k4v3"] if args.quick
@@ -250,45 +303,23 @@ def main(argv=None) -> dict:
             cw = windows_from_corpus(loaded.tokenizer, args.check_ctx, 2, args.offset_chars)
         check = chunk_check(model, cw, "e8:k5v4", min(args.chunk, args.check_ctx // 4))
         print(f"# chunked vs token-by-token: {check}", flush=True)
-    if args.append and check is None:
-        import json
-
-        check = json.loads((Path(args.out) / f"{_tag(name, args)}.json").read_text())["chunk_check"]
     by_ctx = {}
     for ctx in ctxs:
         if args.quick and not args.model:
             windows = [[(7 * i + 3 * j) % 500 + 1 for i in range(ctx)] for j in range(num)]
         else:
             windows = windows_from_corpus(loaded.tokenizer, ctx, num, args.offset_chars)
-        rows = evaluate(model, name, codecs, windows, args.packed, args.chunk)
-        if args.append:
-            rows = _merge(args.out, name, args, ctx, rows)
+        def save(rows, ctx=ctx):
+            by_ctx[str(ctx)] = {"rows": rows, "iso_dppl": iso_table(rows),
+                                "iso_dppl_at_ctx": iso_table(rows, "x_vs_fp16_at_ctx")}
+            finish(h, name, len(model.layers), geometry(model), check, by_ctx, args.out,
+                   _tag(name, args))
+
+        rows = evaluate(model, name, codecs, windows, args.packed, args.chunk, save)
         by_ctx[str(ctx)] = {"rows": rows, "iso_dppl": iso_table(rows),
                             "iso_dppl_at_ctx": iso_table(rows, "x_vs_fp16_at_ctx")}
-    geo = geometry(model)
-    main_ctx = by_ctx[str(max(ctxs))]
-    proj = {r["codec"]: projection(geo, parse_kv_codec(r["codec"], len(model.layers), name),
-                                   mx.float32, [2048, 32768, 131072]) for r in main_ctx["rows"]}
-    result = {**h, "num_layers": len(model.layers), "geometry": geo, "chunk_check": check,
-              "fp16_bytes_per_token": main_ctx["rows"][0]["fp16_bytes_per_token"],
-              "rows": main_ctx["rows"], "iso_dppl": main_ctx["iso_dppl"], "by_ctx": by_ctx,
-              "projection": proj}
-    tag = _tag(name, args)
-    write_json(tag, result, args.out)
-    series = {}
-    for ctx, d in by_ctx.items():
-        for r in d["rows"]:
-            if r["family"] in ("affine", "lattice", "lloyd", "auto"):
-                xs, ys = series.setdefault(f"{r['family']} ({ctx})", ([], []))
-                xs.append(r["x_vs_fp16"])
-                ys.append(max(r["dppl_pct"], 1e-2))
-    for xs, ys in series.values():
-        order = sorted(range(len(xs)), key=xs.__getitem__)
-        xs[:], ys[:] = [xs[i] for i in order], [ys[i] for i in order]
-    plot(Path(args.out) / f"{tag}.png", f"KV compression vs dPPL, {name}",
-         "x smaller than fp16 (bytes/token, metadata included)", "dPPL % (log)", series,
-         log=True)
-    return result
+    return finish(h, name, len(model.layers), geometry(model), check, by_ctx, args.out,
+                  _tag(name, args))
 
 
 if __name__ == "__main__":
