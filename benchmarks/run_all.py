@@ -17,13 +17,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _compression_tables import (
+    table_capacity,
+    table_fit_steps,
+    table_iso,
+    table_projection,
+    table_quality,
+)
+
 HERE = Path(__file__).parent
 DOCS = HERE.parent / "docs"
 RUNS = [
     ["bench_throughput.py"],
-    ["quality.py", "--model", "smollm2-135m-instruct"],
-    ["quality.py", "--model", "gemma3-270m", "--codecs", "auto", "int8", "int4", "lloyd:k4v3",
-     "e8:k4v3", "e8:k4v4,boundary=1", "e8:k3v2"],
+    ["quality.py", "--model", "smollm2-135m-instruct", "--ctx", "2048", "--windows", "4"],
+    ["quality.py", "--model", "gemma3-270m", "--ctx", "2048", "--windows", "4"],
+    ["capacity.py"],
     ["bench_server.py"],
     ["shared_prefix.py", "--model", "smollm2-135m-instruct"],
     ["paged_vs_dense.py", "--model", "smollm2-135m-instruct"],
@@ -49,17 +57,6 @@ def table_throughput(d):
     rows += [f"| {r['concurrency']} | {r['mlxkv_tok_s']:.1f} | {r['mlx_lm_tok_s']:.1f} | "
              f"{r['ratio']:.2f} |" for r in d["rows"]]
     return [_src(d, "bench_throughput.py", "throughput"), ""] + rows
-
-
-def table_quality(d, name):
-    rows = ["| codec | KV bytes/token | vs fp16 | PPL | dPPL | KL |",
-            "|---|---:|---:|---:|---:|---:|"]
-    rows += [f"| `{r['codec']}` | {r['bytes_per_token']} | {r['x_vs_fp16']:.2f}x | "
-             f"{r['ppl']:.3f} | {r['dppl_pct']:+.2f}% | {r['kl']:.4f} |" for r in d["rows"]]
-    iso = "; ".join(f"{t['dppl_target_pct']}%: {t['codec'] or 'none'}"
-                    + (f" ({t['x_vs_fp16']:.2f}x)" if t["codec"] else "") for t in d["iso_dppl"])
-    return [_src(d, f"quality.py --model {d['model']}", name), "", *rows, "",
-            f"Iso-dPPL (cheapest codec within the target): {iso}."]
 
 
 def table_server(d):
@@ -141,6 +138,12 @@ def table_kernels(d):
     return [_src(d, "bench_kernels.py", "kernels"), "", *rows]
 
 
+def _projection_codecs(d: dict) -> list[str]:
+    """int8 and the cheapest codec within 1% and 2% dPPL."""
+    picks = ["int8"] + [t["codec"] for t in d["iso_dppl"] if t["dppl_target_pct"] >= 1.0]
+    return list(dict.fromkeys(c for c in picks if c))
+
+
 def render(results: Path) -> None:
     tables = {
         "throughput": ("benchmarks.md", "throughput", table_throughput),
@@ -154,8 +157,16 @@ def render(results: Path) -> None:
         "quality_gemma3": ("compression.md", "quality_gemma3-270m",
                            lambda d: table_quality(d, "quality_gemma3-270m")),
     }
+    both = {"SmolLM2-135M": _load("quality_smollm2-135m-instruct", results),
+            "Gemma-3-270M": _load("quality_gemma3-270m", results)}
+    both = {k: v for k, v in both.items() if v is not None and "by_ctx" in v}
+    tables["quality_iso"] = ("compression.md", None, lambda _: table_iso(both))
+    tables["quality_projection"] = ("compression.md", None, lambda _: table_projection(
+        both, {m: _projection_codecs(d) for m, d in both.items()}))
+    tables["capacity"] = ("compression.md", "capacity", table_capacity)
+    tables["fit_steps"] = ("compression.md", "fit_steps", table_fit_steps)
     for marker, (doc, name, fn) in tables.items():
-        data = _load(name, results)
+        data = _load(name, results) if name else both
         path = DOCS / doc
         text = path.read_text()
         pattern = re.compile(rf"(<!-- BEGIN {marker} -->\n).*?(<!-- END {marker} -->)", re.S)

@@ -1,4 +1,4 @@
-"""`mlxkv fetch | generate | serve | bench`: argparse -> EngineConfig; nothing below reads argparse.
+"""`mlxkv fetch | generate | serve | bench | profile-kv`: argparse -> EngineConfig; nothing below reads argparse.
 
 Errors a user can cause (unknown model, bad flags, corrupt file) print one line on stderr
 and exit with status 2; there is no traceback.
@@ -58,7 +58,47 @@ def build_parser() -> argparse.ArgumentParser:
         add_bench_args(b)
     except ImportError:
         pass
+    _add_profile_kv(sub)
     return parser
+
+
+def _add_profile_kv(sub) -> None:
+    p = sub.add_parser("profile-kv", help="measure per-layer K/V codec sensitivity (for "
+                       "--kv-codec auto:<R>x)")
+    p.add_argument("--model", required=True, help="model name or path")
+    p.add_argument("--text", default=None, help="calibration text file (default: the cached "
+                   "Austen corpus's Emma, if present)")
+    p.add_argument("--family", default="e8", choices=["e8", "d4", "lloyd"])
+    p.add_argument("--rates", type=int, nargs="+", default=[4, 5])
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--windows", type=int, default=2)
+    p.add_argument("--out", default=None, help="profile path (default: <cache>/profiles/"
+                   "<model>.json, where auto:<R>x looks first)")
+
+
+def cmd_profile_kv(args) -> int:
+    import logging
+    from pathlib import Path
+
+    from mlxkv.config import default_cache_dir
+    from mlxkv.kv_profile import calibration_windows, profile_model, write_profile
+    from mlxkv.models.loader import load_model
+
+    if any(not 2 <= r <= 8 for r in args.rates):
+        raise MlxkvError("--rates must be between 2 and 8")
+    text_path = Path(args.text) if args.text else default_cache_dir() / "corpus" / "emma.txt"
+    if not text_path.is_file():
+        raise MlxkvError(f"calibration text {text_path} not found (pass --text FILE)")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    loaded = load_model(args.model)
+    windows = calibration_windows(loaded.tokenizer, text_path.read_text(), args.ctx,
+                                  args.windows)
+    profile = profile_model(loaded.model, windows, tuple(args.rates), args.family)
+    profile["model"] = loaded.name
+    profile["calibration"]["text"] = text_path.name
+    out = Path(args.out) if args.out else default_cache_dir() / "profiles" / f"{loaded.name}.json"
+    print(f"wrote {write_profile(profile, out)}")
+    return 0
 
 
 def _prompt_ids(args, tokenizer) -> list[int]:
@@ -141,6 +181,7 @@ def main(argv=None) -> int:
         "generate": cmd_generate,
         "serve": cmd_serve,
         "bench": cmd_bench,
+        "profile-kv": cmd_profile_kv,
     }
     try:
         return commands[args.command](args)

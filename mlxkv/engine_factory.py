@@ -11,12 +11,12 @@ from mlxkv.memory import device_budget, plan_num_blocks
 from mlxkv.models.adapter import group_specs_for
 
 
-def _codecs(spec: str, num_layers: int):
+def _codecs(spec: str, num_layers: int, model_name: str | None = None):
     if spec in ("auto", "identity"):
         return None
     from mlxkv.codec import parse_kv_codec
 
-    return parse_kv_codec(spec, num_layers)
+    return parse_kv_codec(spec, num_layers, model_name)
 
 
 def _bytes_per_block(groups, codecs, block_size: int, dtype) -> list[int]:
@@ -42,7 +42,7 @@ def build_engine(cls, config: EngineConfig, loaded=None):
     model, tokenizer = (loaded.model, loaded.tokenizer) if hasattr(loaded, "model") else loaded
     groups = group_specs_for(model)
     dtype = model.model.embed_tokens.weight.dtype
-    codecs = _codecs(config.cache.kv_codec, len(model.layers))
+    codecs = _codecs(config.cache.kv_codec, len(model.layers), getattr(loaded, "name", None))
     bs = config.cache.block_size
     bpb = _bytes_per_block(groups, codecs, bs, dtype)
     sched = config.scheduler

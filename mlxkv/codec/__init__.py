@@ -1,9 +1,19 @@
 """KV codecs and the `--kv-codec` spec parser.
 
-Specs: `auto` / `identity` (model dtype), `fp16`, `fp32`, `bf16`, `int8`, `int4`
-(affine, group 64), and `<family>:k<m>v<m>` for `e8`, `d4` and `lloyd` with separate bits
-for K and V (e.g. `e8:k4v3`). Options after commas: `boundary=N` keeps the first and last N
-layers at full precision, `seed=S` seeds the rotation.
+Grammar (`,`-separated; the head first, then options):
+
+    spec    := head ("," option)*
+    head    := auto | identity | fp16 | fp32 | bf16 | int<b>        b in 2,3,4,5,6,8 (affine)
+             | <family>:k<m>v<m>     family e8 | d4 | lloyd, m = 2..8 bits per coordinate
+             | auto:<R>x             allocation for R times fewer bytes than fp16, from a
+                                     stored sensitivity profile (mlxkv/codec/allocate.py)
+    option  := boundary=N            first and last N layers at full precision
+             | seed=S                rotation seed (V uses S + 1)
+             | l<a>[-<b>]=<head>     layers a..b (inclusive) use <head> instead (no options)
+             | profile=PATH          the profile file for auto:<R>x
+             | family=F              auto:<R>x's codec family (default: the profile's)
+
+Examples: `e8:k6v5`, `int6`, `e8:k5v5,boundary=1,l0=int8`, `auto:3.0x`.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ import re
 
 import mlx.core as mx
 
-from mlxkv.codec.affine import AffineCodec
+from mlxkv.codec.affine import AFFINE_BITS, AffineCodec
 from mlxkv.codec.base import KVCodec
 from mlxkv.codec.identity import IdentityCodec
 from mlxkv.codec.lattice import LatticeCodec
@@ -24,50 +34,102 @@ __all__ = ["KVCodec", "IdentityCodec", "AffineCodec", "LatticeCodec", "LloydCode
 
 _SIMPLE = {"auto": None, "identity": None, "fp16": mx.float16, "fp32": mx.float32,
            "bf16": mx.bfloat16}
+_AFFINE = {f"int{b}" for b in AFFINE_BITS}
+_FAMILY = re.compile(r"(e8|d4|lloyd):k([2-8])v([2-8])")
+_AUTO = re.compile(r"auto:(\d+(?:\.\d+)?)x")
+_LAYERS = re.compile(r"l(\d+)(?:-(\d+))?")
+LayerCodecs = dict[int, tuple[KVCodec, KVCodec]]
+
+
+def _bad(message: str) -> InvalidRequestError:
+    return InvalidRequestError(message, param="kv_codec")
 
 
 def get_codec(name: str, seed: int = 0) -> KVCodec:
-    """One codec by name: identity/fp16/fp32/bf16, int8/int4, e8m<m>, d4m<m>, lloydm<m>."""
+    """One codec by name: identity/fp16/fp32/bf16, int<b>, e8m<m>, d4m<m>, lloydm<m>."""
     if name in _SIMPLE:
         return IdentityCodec(_SIMPLE[name])
-    if name in ("int8", "int4"):
+    if name in _AFFINE:
         return AffineCodec(int(name[3:]))
-    match = re.fullmatch(r"(e8|d4|lloyd)m([234])", name)
+    match = re.fullmatch(r"(e8|d4|lloyd)m([2-8])", name)
     if match:
         family, bits = match.group(1), int(match.group(2))
         if family == "lloyd":
             return LloydCodec(bits, seed)
         return LatticeCodec(family, bits, seed)
-    raise InvalidRequestError(f"unknown KV codec {name!r}", param="kv_codec")
+    raise _bad(f"unknown KV codec {name!r}")
 
 
-def parse_kv_codec(spec: str, num_layers: int) -> dict[int, tuple[KVCodec, KVCodec]] | None:
-    """Per layer (k_codec, v_codec) for a `--kv-codec` spec; None means identity everywhere."""
-    head, *opts = [part.strip() for part in spec.split(",")]
-    options = {}
-    for opt in opts:
-        key, _, value = opt.partition("=")
-        if key not in ("boundary", "seed") or not value.isdigit():
-            raise InvalidRequestError(f"bad kv codec option {opt!r} (boundary=N, seed=S)",
-                                      param="kv_codec")
-        options[key] = int(value)
-    seed = options.get("seed", 0)
-    match = re.fullmatch(r"(e8|d4|lloyd):k([234])v([234])", head)
+def head_codecs(head: str, seed: int = 0) -> tuple[KVCodec, KVCodec] | None:
+    """(k_codec, v_codec) for one head spec; None for auto/identity (the model's dtype)."""
+    match = _FAMILY.fullmatch(head)
     if match:
         family = match.group(1)
-        k, v = get_codec(f"{family}m{match.group(2)}", seed), get_codec(
-            f"{family}m{match.group(3)}", seed + 1)
-    elif head in _SIMPLE or head in ("int8", "int4"):
-        if head in ("auto", "identity"):
-            return None
-        k = v = get_codec(head)
+        return (get_codec(f"{family}m{match.group(2)}", seed),
+                get_codec(f"{family}m{match.group(3)}", seed + 1))
+    if head in ("auto", "identity"):
+        return None
+    if head in _SIMPLE or head in _AFFINE:
+        codec = get_codec(head)
+        return codec, codec
+    raise _bad(f"unknown --kv-codec {head!r}; use auto, fp16, fp32, int8, int6, int4, "
+               "e8:k6v5, d4:k5v5, lloyd:k6v5 (2..8 bits) or auto:3.0x, with optional "
+               ",boundary=N,seed=S,l<a>-<b>=<codec>")
+
+
+def _parse_options(opts: list[str]) -> tuple[dict, list[tuple[range, str]]]:
+    options, overrides = {}, []
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        layers = _LAYERS.fullmatch(key)
+        if layers and value:
+            lo = int(layers.group(1))
+            hi = int(layers.group(2)) if layers.group(2) else lo
+            overrides.append((range(lo, hi + 1), value))
+        elif key in ("boundary", "seed") and value.isdigit():
+            options[key] = int(value)
+        elif key == "profile" and value:
+            options[key] = value
+        elif key == "family" and value in ("e8", "d4", "lloyd"):
+            options[key] = value
+        else:
+            raise _bad(f"bad kv codec option {opt!r} (boundary=N, seed=S, l<a>-<b>=<codec>, "
+                       "profile=PATH, family=e8|d4|lloyd)")
+    return options, overrides
+
+
+def parse_kv_codec(spec: str, num_layers: int,
+                   model_name: str | None = None) -> LayerCodecs | None:
+    """Per layer (k_codec, v_codec) for a `--kv-codec` spec; None means identity everywhere.
+
+    `model_name` locates the stored profile of `auto:<R>x` (see mlxkv.codec.allocate).
+    Raises InvalidRequestError for a malformed spec or a missing profile.
+    """
+    head, *opts = [part.strip() for part in spec.split(",")]
+    options, overrides = _parse_options(opts)
+    seed = options.get("seed", 0)
+    auto = _AUTO.fullmatch(head)
+    if auto:
+        from mlxkv.codec.allocate import allocate_from_profile
+
+        per_layer = allocate_from_profile(float(auto.group(1)), num_layers, model_name,
+                                          options.get("profile"), options.get("family"))
+        overrides = [(range(i, i + 1), h) for i, h in enumerate(per_layer)] + overrides
+        default = None
     else:
-        raise InvalidRequestError(
-            f"unknown --kv-codec {spec!r}; use auto, fp16, fp32, int8, int4, e8:k4v3, "
-            "d4:k4v3 or lloyd:k4v3, with optional ,boundary=N,seed=S", param="kv_codec")
-    boundary = options.get("boundary", 0)
+        default = head_codecs(head, seed)
+    if default is None and not overrides and not options.get("boundary"):
+        return None
     full = IdentityCodec()
-    return {
-        layer: (full, full) if layer < boundary or layer >= num_layers - boundary else (k, v)
-        for layer in range(num_layers)
-    }
+    layers = {i: default or (full, full) for i in range(num_layers)}
+    boundary = options.get("boundary", 0)
+    for i in [*range(min(boundary, num_layers)), *range(max(0, num_layers - boundary),
+                                                         num_layers)]:
+        layers[i] = (full, full)
+    for span, layer_head in overrides:
+        if span.stop > num_layers:
+            raise _bad(f"layer override {span.start}-{span.stop - 1} beyond {num_layers} layers")
+        pair = head_codecs(layer_head, seed) or (full, full)
+        for i in span:
+            layers[i] = pair
+    return layers

@@ -1,4 +1,5 @@
-"""Affine int8/int4 codec, group 64 (mlx-lm's QuantizedKVCache scheme): the baseline.
+"""Affine int codec (int8/int6/int5/int4/int3/int2), group 64 (mlx-lm's QuantizedKVCache
+scheme): the baseline.
 
 Per group of 64 coordinates: q = round((x - bias) / scale) in [0, 2^bits), with fp16
 scale and bias (mx.quantize's affine mode). Components: {"q": [D*bits/32] uint32,
@@ -11,11 +12,13 @@ import mlx.core as mx
 
 from mlxkv.codec.base import AFFINE, KernelLayout
 
+AFFINE_BITS = (2, 3, 4, 5, 6, 8)  # the widths mx.quantize packs
+
 
 class AffineCodec:
     def __init__(self, bits: int = 8, group_size: int = 64):
-        if bits not in (4, 8):
-            raise ValueError("affine codec bits must be 4 or 8")
+        if bits not in AFFINE_BITS:
+            raise ValueError(f"affine codec bits must be one of {AFFINE_BITS}")
         self.bits, self.group_size = bits, group_size
         self.name = f"int{bits}"
 

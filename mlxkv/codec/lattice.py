@@ -10,7 +10,9 @@ Per vector x [D] (D a power of two, multiple of 8):
       bit 0 = p, then a_0..a_6 (m bits each), then a_7 >> 1 (m - 1 bits): m bytes/block.
   D4 (4 coordinates per block, 4m - 1 bits): u = k + 1/2, sum(k) even, k_i in
       [-2^(m-1), 2^(m-1) - 1]; two blocks share m bytes (8m - 2 bits used).
-Components: {"codes": [D/8 * m] uint8, "scale": [1] float16}. Decoding is a few integer
+Rates m = 2..8. A block's code is one little-endian word of m bytes (uint32 up to m = 4,
+uint64 above): the same bit layout at every rate, so m <= 4 codes are byte-identical to
+the kernels' format. Components: {"codes": [D/8 * m] uint8, "scale": [1] float16}. Decoding is a few integer
 ops per coordinate (no search), then u * s and the inverse rotation.
 """
 
@@ -21,28 +23,45 @@ import mlx.core as mx
 from mlxkv.codec.base import D4, E8, KernelLayout
 from mlxkv.codec.rotation import rotate, unrotate
 
-# Step constants c_{L,m}: optimal for Gaussian coordinates, not yet re-tuned on captured KV
-# (docs/compression.md, "Scale").
-_STEP = {("e8", 2): 1.00, ("e8", 3): 0.60, ("e8", 4): 0.35,
-         ("d4", 2): 0.95, ("d4", 3): 0.55, ("d4", 4): 0.30}
+RATES = (2, 3, 4, 5, 6, 7, 8)  # bits per coordinate
+
+# Step constants c_{L,m}: minimise the MSE of rotated, RMS-normalised K/V captured from
+# SmolLM2-135M and Gemma-3-270M on a calibration text (Emma, never an evaluation window):
+# `python benchmarks/fit_steps.py` (results/fit_steps.json).
+_STEP = {
+    ("e8", 2): 0.9727, ("e8", 3): 0.5716, ("e8", 4): 0.3243, ("e8", 5): 0.1800,
+    ("e8", 6): 0.0966, ("e8", 7): 0.0521, ("e8", 8): 0.0284,
+    ("d4", 2): 0.9240, ("d4", 3): 0.5500, ("d4", 4): 0.3171, ("d4", 5): 0.1748,
+    ("d4", 6): 0.0971, ("d4", 7): 0.0510, ("d4", 8): 0.0275,
+}
 
 
-def _scale(y: mx.array, lattice: str, bits: int) -> mx.array:
+def _scale(y: mx.array, step: float) -> mx.array:
     rms = mx.sqrt(mx.mean(y * y, axis=-1, keepdims=True))
-    return (rms * _STEP[(lattice, bits)]).astype(mx.float16)
+    return (rms * step).astype(mx.float16)
+
+
+def word_dtype(num_bytes: int) -> mx.Dtype:
+    """uint32 for words of up to 4 bytes, uint64 for 5 to 8 (rates m > 4)."""
+    if not 1 <= num_bytes <= 8:
+        raise ValueError(f"words hold 1 to 8 bytes, got {num_bytes}")
+    return mx.uint32 if num_bytes <= 4 else mx.uint64
 
 
 def _pack_words(words: mx.array, num_bytes: int) -> mx.array:
-    """uint32 words [..., B] -> little-endian bytes [..., B * num_bytes] uint8."""
-    shifts = mx.arange(num_bytes, dtype=mx.uint32) * 8
-    out = (words[..., None] >> shifts) & 0xFF
+    """uint32/uint64 words [..., B] -> little-endian bytes [..., B * num_bytes] uint8."""
+    dt = word_dtype(num_bytes)
+    shifts = mx.arange(num_bytes, dtype=dt) * 8
+    out = (words.astype(dt)[..., None] >> shifts) & 0xFF
     return out.reshape(*words.shape[:-1], -1).astype(mx.uint8)
 
 
 def _unpack_words(codes: mx.array, num_bytes: int) -> mx.array:
-    b = codes.astype(mx.uint32).reshape(*codes.shape[:-1], -1, num_bytes)
-    shifts = mx.arange(num_bytes, dtype=mx.uint32) * 8
-    return mx.sum(b << shifts, axis=-1).astype(mx.uint32)
+    """Inverse of _pack_words: words [..., B] in word_dtype(num_bytes)."""
+    dt = word_dtype(num_bytes)
+    b = codes.astype(dt).reshape(*codes.shape[:-1], -1, num_bytes)
+    shifts = mx.arange(num_bytes, dtype=dt) * 8
+    return mx.sum(b << shifts, axis=-1).astype(dt)
 
 
 def _cheapest_move(j, tau, step, lo, hi):
@@ -98,21 +117,24 @@ def d4_nearest(target: mx.array, bits: int) -> mx.array:
 class LatticeCodec:
     """E8 or D4 box codes at `bits` per coordinate with a seeded Hadamard rotation."""
 
-    def __init__(self, lattice: str = "e8", bits: int = 4, seed: int = 0):
-        if lattice not in ("e8", "d4") or bits not in (2, 3, 4):
-            raise ValueError(f"unsupported lattice codec {lattice}:{bits}")
+    def __init__(self, lattice: str = "e8", bits: int = 4, seed: int = 0,
+                 step: float | None = None):
+        if lattice not in ("e8", "d4") or bits not in RATES:
+            raise ValueError(f"unsupported lattice codec {lattice}:{bits} (bits 2..8)")
         self.lattice, self.bits, self.seed = lattice, bits, seed
+        self.step = _STEP[(lattice, bits)] if step is None else step
         self.name = f"{lattice}m{bits}"
 
     @property
     def metadata(self) -> dict:
-        return {"codec": self.lattice, "m": self.bits, "seed": self.seed, "scale": "fp16"}
+        return {"codec": self.lattice, "m": self.bits, "seed": self.seed, "scale": "fp16",
+                "step": self.step}
 
     @property
     def kernel_layout(self) -> KernelLayout:
         return KernelLayout(E8 if self.lattice == "e8" else D4, self.bits,
                             {"codes": "codes", "scales": "scale"}, rotation_seed=self.seed,
-                            step=_STEP[(self.lattice, self.bits)])
+                            step=self.step)
 
     def packed_spec(self, head_dim: int, dtype: mx.Dtype):
         if head_dim % 8:
@@ -125,7 +147,7 @@ class LatticeCodec:
     # -- encode ----------------------------------------------------------------------------
     def encode(self, x: mx.array) -> dict[str, mx.array]:
         y = rotate(x, self.seed)
-        s = _scale(y, self.lattice, self.bits)
+        s = _scale(y, self.step)
         t = y / mx.maximum(s.astype(mx.float32), 1e-30)
         t = mx.where(s.astype(mx.float32) > 0, t, 0.0)
         blocks = t.reshape(*t.shape[:-1], -1, 8)
@@ -133,19 +155,19 @@ class LatticeCodec:
         return {"codes": _pack_words(words, self.bits), "scale": s}
 
     def _e8_words(self, t: mx.array) -> mx.array:
-        m = self.bits
+        m, dt = self.bits, word_dtype(self.bits)
         j, p = e8_nearest(2 * t - 0.5, m)
-        a = ((j - p[..., None] + 2**m) / 2).astype(mx.uint32)
-        word = p.astype(mx.uint32)
+        a = ((j - p[..., None] + 2**m) / 2).astype(dt)
+        word = p.astype(dt)
         for i in range(7):
             word = word | (a[..., i] << (1 + m * i))
         return word | ((a[..., 7] >> 1) << (1 + 7 * m))
 
     def _d4_words(self, t: mx.array) -> mx.array:
-        m = self.bits
+        m, dt = self.bits, word_dtype(self.bits)
         k = d4_nearest(t.reshape(*t.shape[:-1], 2, 4) - 0.5, m)
-        b = (k + 2 ** (m - 1)).astype(mx.uint32)  # [..., 2, 4]
-        word = mx.zeros(b.shape[:-2], dtype=mx.uint32)
+        b = (k + 2 ** (m - 1)).astype(dt)  # [..., 2, 4]
+        word = mx.zeros(b.shape[:-2], dtype=dt)
         width = 4 * m - 1
         for half in range(2):
             for i in range(3):

@@ -36,6 +36,10 @@ def wide():
     ("fp32", 1e-3), ("fp16", 1e-2), ("bf16", 1e-1), ("int8", 0.1), ("int4", 0.25),
     ("e8:k4v3", 1e-3), ("e8:k2v4", 1e-3), ("d4:k4v3", 1e-3), ("d4:k3v2", 1e-3),
     ("lloyd:k4v3", 1e-3), ("lloyd:k2v3", 1e-3), ("int8,boundary=1", 0.1),
+    # rates 5..8 (64-bit block words) and int6/int3: the same reasoning; a flipped lattice
+    # or Lloyd cell moves a coordinate by one (smaller) step, an affine flip by one quantum
+    ("e8:k8v5", 1e-3), ("d4:k6v7", 1e-3), ("lloyd:k7v5", 1e-3), ("int6", 0.1),
+    ("int3", 0.25), ("e8:k5v6,l0=int8,l1=lloyd:k6v5", 0.1),
 ])
 def test_codec_equals_decode_then_attend(wide, spec, atol):
     codec_vs_decode_then_attend(wide, spec, atol)

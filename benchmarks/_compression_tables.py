@@ -1,0 +1,98 @@
+"""Markdown tables of docs/compression.md, rendered from the quality and capacity JSON."""
+
+from __future__ import annotations
+
+FAMILIES = (("affine", "affine int (mlx-lm)"), ("lloyd", "rotation + Lloyd-Max (TurboQuant-style)"),
+            ("lattice", "E8/D4 lattice"), ("auto", "E8 per-layer allocation (auto:Rx)"))
+
+
+def _src(d: dict, cmd: str, name: str) -> str:
+    cpu = d.get("hardware", {}).get("cpu", "?")
+    return (f"`python benchmarks/{cmd}` (git {d['git_revision']}, {d['timestamp'][:10]}, "
+            f"{cpu}; results/{name}.json)")
+
+
+def table_quality(d: dict, name: str) -> list[str]:
+    s = d["settings"]
+    cmd = f"quality.py --model {d['model']} --ctx {' '.join(map(str, s['ctx']))} " \
+          f"--windows {s['windows']}"
+    out = [_src(d, cmd, name), ""]
+    for ctx, block in d["by_ctx"].items():
+        out += [f"Windows of {ctx} tokens, n = {s['windows']}:", "",
+                "| codec | KV bytes/token | vs fp16 | vs fp16, whole model at this window |"
+                " PPL | dPPL | KL |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted(block["rows"], key=lambda r: -r["bytes_per_token"]):
+            out.append(f"| `{r['codec']}` | {r['bytes_per_token']} | {r['x_vs_fp16']:.2f}x | "
+                       f"{r['x_vs_fp16_at_ctx']:.2f}x | {r['ppl']:.3f} | "
+                       f"{r['dppl_pct']:+.2f}% | {r['kl']:.4f} |")
+        out.append("")
+    return out
+
+
+def table_iso(named: dict[str, dict]) -> list[str]:
+    """Iso-dPPL: per model and threshold, the cheapest codec overall and per family."""
+    head = "| model | dPPL <= | best | " + " | ".join(label for _, label in FAMILIES) + " |"
+    out = [head, "|---|---:|---|" + "---|" * len(FAMILIES)]
+    for model, d in named.items():
+        for t in d["iso_dppl"]:
+            cells = []
+            for fam, _ in FAMILIES:
+                c = t.get(f"{fam}_codec")
+                cells.append(f"`{c}` {t[f'{fam}_x_vs_fp16']:.2f}x" if c else "none")
+            best = (f"`{t['codec']}` **{t['x_vs_fp16']:.2f}x**" if t["codec"] else "none")
+            out.append(f"| {model} | {t['dppl_target_pct']}% | {best} | " + " | ".join(cells)
+                       + " |")
+    return out
+
+
+def table_projection(named: dict[str, dict], codecs: dict[str, list[str]]) -> list[str]:
+    """Whole-model KV bytes of one sequence at 2k/32k/128k (MiB, split full / sliding)."""
+    out = ["| model | codec | 2k MiB (full + sliding) | 32k MiB | 128k MiB | vs fp16 at 128k |",
+           "|---|---|---:|---:|---:|---:|"]
+    for model, d in named.items():
+        fp16 = d["projection"]["auto"]
+        rows = [("fp16", [{"bytes": p["fp16_bytes"], "bytes_full_layers": None} for p in fp16],
+                 1.0)]
+        for c in codecs.get(model, []):
+            if c in d["projection"]:
+                rows.append((f"`{c}`", d["projection"][c], d["projection"][c][-1]["x_vs_fp16"]))
+        for label, proj, x in rows:
+            cells = []
+            for p in proj:
+                mib = p["bytes"] / 2**20
+                if p.get("bytes_full_layers") is not None and p["bytes_sliding_layers"]:
+                    cells.append(f"{mib:.1f} ({p['bytes_full_layers'] / 2**20:.1f} + "
+                                 f"{p['bytes_sliding_layers'] / 2**20:.1f})")
+                else:
+                    cells.append(f"{mib:.1f}")
+            out.append(f"| {model} | {label} | " + " | ".join(cells) + f" | {x:.2f}x |")
+    return out
+
+
+def table_capacity(d: dict) -> list[str]:
+    s = d["settings"]
+    out = [_src(d, "capacity.py", "capacity"), "",
+           f"KV budget {s['budget_mib']} MiB, {s['seq_len']}-token sequences "
+           f"({s['equivalent']}):", "",
+           "| codec | bytes/token | sequences admitted | x vs first | preemptions at N / N+1 |"
+           " peak running | decode tok/s at N |", "|---|---:|---:|---:|---|---:|---:|"]
+    for r in d["rows"]:
+        a, b = r["at_admitted"], r["at_admitted_plus_one"]
+        tok = f"{a['decode_tok_s']:.1f}" if a["decode_tok_s"] else "-"
+        out.append(f"| `{r['codec']}` | {r['bytes_per_token']} | {r['admitted']} | "
+                   f"{r['x_sequences_vs_first']:.2f}x | {a['preemptions']} / {b['preemptions']} |"
+                   f" {a['peak_running']} | {tok} |")
+    return out
+
+
+def table_fit_steps(d: dict) -> list[str]:
+    """Fitted step constants and the relative MSE on captured K/V, per family and rate."""
+    by = {(r["family"], r["bits"]): r for r in d["rows"]}
+    out = [_src(d, "fit_steps.py", "fit_steps"), "",
+           "| bits/coord | E8 step | E8 rel. MSE | D4 step | D4 rel. MSE | Lloyd-Max gain |"
+           " Lloyd-Max rel. MSE |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in sorted({b for _, b in by}):
+        e, d4, lm = by[("e8", m)], by[("d4", m)], by[("lloyd", m)]
+        out.append(f"| {m} | {e['constant']:.4f} | {e['rel_mse']:.2e} | {d4['constant']:.4f} | "
+                   f"{d4['rel_mse']:.2e} | {lm['constant']:.4f} | {lm['rel_mse']:.2e} |")
+    return out
