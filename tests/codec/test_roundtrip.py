@@ -58,7 +58,12 @@ def test_round_trip_pools_equal_packed_pools(wide, spec):
     windows = [[(5 * i + 3 * j) % 120 + 1 for i in range(17)] for j in range(2)]
     codecs = parse_kv_codec(spec, len(wide.layers))
     packed, packed_store = _run(wide, codecs, None, windows)
-    rt, rt_store = _run(wide, round_trip_layers(codecs), default_decode_op(), windows)
+    # The dense decode op reads the round-trip pool; prefill stays on the reference path as
+    # on the packed side (a wrapper has no prefill twin): prefill noise of ~1e-4 in the
+    # hidden states can move a later layer's K across a quantization boundary, a real (and
+    # large) difference that this test is not about.
+    op = default_decode_op()
+    rt, rt_store = _run(wide, round_trip_layers(codecs), lambda *a: op(*a), windows)
     assert packed_store.bytes_per_token() == rt_store.bytes_per_token()
     # same K/V values; only the attention summation order differs (fp32 noise)
     assert mx.allclose(packed, rt, atol=2e-4, rtol=1e-4).item()
