@@ -57,7 +57,7 @@ class LLMEngine:
         self.ttft = self.processor.ttft
         self.itl = self.processor.itl
         self.vocab_size = int(model.model.embed_tokens.weight.shape[0])
-        self.pipeline = False  # overlap the next step's host work with this step's evaluation
+        self.pipeline = True  # overlap the next step's host work with this step's evaluation
         self._seeds = itertools.count(config.seed * 7919 + 1)
         self._inflight: StepResult | None = None
         # Called as sink(request_ids, logits [rows, vocab]) with the fp32 logits each step
