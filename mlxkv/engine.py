@@ -213,8 +213,8 @@ class LLMEngine:
             if len(ids) < s.num_new_tokens:  # the last input is in flight (prev's row)
                 deferred.append((num_flat + len(ids), prev.row_of[rid]))
                 ids.append(0)
-            entries.append(SeqEntry(ids, s.start, self.cache.slot_mapping(rid, s.start, end),
-                                    self.cache.block_tables(rid), s.samples))
+            entries.append(SeqEntry(ids, s.start, self.cache.slot_arrays(rid, s.start, end),
+                                    self.cache.block_table_arrays(rid), s.samples))
             num_flat += s.num_new_tokens
         return entries, deferred
 
