@@ -33,9 +33,13 @@ class RequestStatus(enum.Enum):
         return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
-    """A sequence the engine generates for. Forks of an n>1 request have their own Request."""
+    """A sequence the engine generates for. Forks of an n>1 request have their own Request.
+
+    Compared by identity (eq=False): the queues test membership, and a field-by-field
+    comparison would compare whole token lists.
+    """
 
     request_id: str
     prompt_token_ids: list[int]

@@ -99,7 +99,7 @@ class Scheduler:
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         scheduled_ids: set[str] = set()
         for req in list(self.running):
-            if req not in self.running or budget <= 0:
+            if req.status is not RequestStatus.RUNNING or budget <= 0:  # preempted just now
                 continue
             num_new = min(req.num_pending_tokens, budget)
             if num_new <= 0:
