@@ -82,11 +82,19 @@ class BlockTable:
         return self._len
 
     def __getitem__(self, index):
-        got = self.view()[index]
-        return got.tolist() if isinstance(index, slice) else int(got)
+        if isinstance(index, slice):
+            return self.view()[index].tolist()
+        return int(self._buf[self._index(index)])
 
     def __setitem__(self, index: int, block_id: int) -> None:
-        self.view()[index] = block_id
+        self._buf[self._index(index)] = block_id
+
+    def _index(self, index: int) -> int:
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError(f"block table index {index} out of range ({self._len})")
+        return index
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.tolist())
@@ -258,7 +266,9 @@ class KVCacheManager:
         needed); copy-on-write a shared partial tail. None (and no change) when blocks are short."""
         if not self.can_allocate(request_id, num_new_tokens):
             return None
-        seq = self._seqs.setdefault(request_id, _Seq(tables=[BlockTable() for _ in self.groups]))
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            seq = self._seqs[request_id] = _Seq(tables=[BlockTable() for _ in self.groups])
         alloc = Allocation()
         bs, start = self.block_size, seq.num_tokens
         for g, table in zip(self.groups, seq.tables, strict=True):
