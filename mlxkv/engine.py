@@ -156,9 +156,7 @@ class LLMEngine:
             self.processor.advance(out)
             self._fail_batch(out, f"{type(exc).__name__}: {exc}")
             return None
-        self.processor.advance(out)
-        for req, fork in step.rows:
-            req.forked = req.forked or fork > 0
+        self.processor.advance(out, step.rows)
         return step
 
     def _fail_batch(self, out: SchedulerOutput, message: str) -> None:

@@ -4,7 +4,7 @@
 
 `advance` records what a launched step will compute (num_computed_tokens, one in-flight
 token per sampled row, the prefix hit at first admission, the reset of a preempted
-request). `update` takes a finished step's sampled ids to the host and, per row: makes
+request) and commits the full blocks whose tokens are already known. `update` takes a finished step's sampled ids to the host and, per row: makes
 the n > 1 forks (sharing the parent's blocks), appends the token, records logprobs, checks
 stops (eos, stop ids, max_tokens, max_model_len, stop strings), detokenizes and frees
 finished requests; full computed blocks are committed to the prefix index first. No
@@ -97,10 +97,13 @@ class OutputProcessor:
         return Detokenizer(self.tokenizer, p.stop, p.include_stop_str_in_output,
                            p.skip_special_tokens)
 
-    def advance(self, out: SchedulerOutput) -> None:
-        """A schedule was launched: record its progress and commit the full blocks whose
-        tokens are known (before the next allocation can drop them out of a window)."""
+    def advance(self, out: SchedulerOutput, rows: list[tuple[Request, int]] = ()) -> None:
+        """A schedule was launched (with sampled `rows`, see StepResult): record its progress,
+        mark parents whose fork rows were sampled, and commit the full blocks whose tokens
+        are known (before the next allocation can drop them out of a window)."""
         advance_progress(out)
+        for req, fork in rows:
+            req.forked = req.forked or fork > 0
         for s in out.scheduled:
             self._commit(s)
 
