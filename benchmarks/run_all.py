@@ -37,6 +37,7 @@ RUNS = [
     ["paged_vs_dense.py", "--model", "smollm2-135m-instruct"],
     ["floor.py", "--model", "smollm2-135m-instruct"],
     ["bench_kernels.py"],
+    ["step_profile.py"],
 ]
 
 
@@ -57,6 +58,26 @@ def table_throughput(d):
     rows += [f"| {r['concurrency']} | {r['mlxkv_tok_s']:.1f} | {r['mlx_lm_tok_s']:.1f} | "
              f"{r['ratio']:.2f} |" for r in d["rows"]]
     return [_src(d, "bench_throughput.py", "throughput"), ""] + rows
+
+
+def table_step_profile(d):
+    rows = ["| model | seqs x context | side | schedule | build | graph | update | detok | "
+            "host | wait | wall |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in d["rows"]:
+        for side in ("before", "after-sync", "after"):
+            m = r[side]
+            rows.append(f"| {r['model'].split('-')[0]} | {r['seqs']} x {r['context']} | {side} | "
+                        + " | ".join(f"{m[k]:.2f}" for k in ("schedule", "build", "graph",
+                                                             "update", "detok", "host", "wait",
+                                                             "wall")) + " |")
+    crit = ["", "| model | seqs x context | host before | host after | critical-path host "
+            "after | of the step |", "|---|---|---:|---:|---:|---:|"]
+    crit += [f"| {r['model'].split('-')[0]} | {r['seqs']} x {r['context']} | "
+             f"{r['before']['host']:.2f} | {r['after']['host']:.2f} | "
+             f"{r['critical_host_ms']:.2f} | {100 * r['critical_host_frac']:.0f}% |"
+             for r in d["rows"]]
+    return [_src(d, "step_profile.py", "step_profile"), "", "ms per decode step", "", *rows,
+            *crit]
 
 
 def table_server(d):
@@ -152,6 +173,7 @@ def render(results: Path) -> None:
         "paged_vs_dense": ("benchmarks.md", "paged_vs_dense", table_pvd),
         "floor": ("benchmarks.md", "floor", table_floor),
         "kernels": ("kernels.md", "kernels", table_kernels),
+        "step_profile": ("benchmarks.md", "step_profile", table_step_profile),
         "quality_smollm2": ("compression.md", "quality_smollm2-135m-instruct",
                             lambda d: table_quality(d, "quality_smollm2-135m-instruct")),
         "quality_gemma3": ("compression.md", "quality_gemma3-270m",

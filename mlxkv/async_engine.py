@@ -1,9 +1,10 @@
 """AsyncEngine: one engine thread owns every mx array; callers get asyncio streams.
 
-The event loop side only validates, puts commands on a thread-safe inbox and reads
-per-request asyncio queues; the engine thread drains the inbox, steps the LLMEngine and
-hands each delta back with `loop.call_soon_threadsafe`. If the thread dies, `is_healthy()`
-turns False and every open stream ends with an error.
+The engine thread builds the LLMEngine (model, pools: every mx array is created and used
+there), drains a thread-safe inbox, steps the engine and hands each delta back with
+`loop.call_soon_threadsafe`. The event loop side only validates (plain ints cached at
+build time), puts commands on the inbox and reads per-request asyncio queues. If the
+thread dies, `is_healthy()` turns False and every open stream ends with an error.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from mlxkv.config import EngineConfig
@@ -27,26 +28,38 @@ log = logging.getLogger("mlxkv.engine")
 class AsyncEngine:
     """Implements server.engine_client.EngineClient over an LLMEngine on its own thread."""
 
-    def __init__(self, engine: LLMEngine, max_waiting: int | None = None):
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine],
+                 max_waiting: int | None = None):
+        """`engine`: a zero-argument builder, called on the engine thread (what
+        `from_config` passes), or an engine already built (its arrays then predate the
+        thread). Raises whatever the builder raises."""
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._dead: str | None = None
+        self._stop = threading.Event()
+        self._built = threading.Event()
+        self._build_error: BaseException | None = None
+        build = engine if callable(engine) and not isinstance(engine, LLMEngine) else None
+        self.engine: LLMEngine = None if build else engine  # type: ignore[assignment]
+        self._thread = threading.Thread(target=self._run, args=(build,), name="mlxkv-engine",
+                                        daemon=True)
+        self._thread.start()
+        self._built.wait()
+        if self._build_error is not None:
+            raise self._build_error
+        engine = self.engine
         self.model_name = getattr(engine, "model_name", "model")
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         sched = engine.config.scheduler
         self.max_waiting = max_waiting if max_waiting is not None else sched.max_waiting
-        self._inbox: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._lock = threading.Lock()
-        self._stats_snapshot: dict[str, Any] = {"cache": engine.cache_stats(),
-                                                "metrics": engine.metrics()}
-        self._dead: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="mlxkv-engine", daemon=True)
-        self._thread.start()
+        self._max_in_flight = sched.max_num_seqs + self.max_waiting
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> AsyncEngine:
-        return cls(LLMEngine.from_config(config))
+    def from_config(cls, config: EngineConfig, loaded=None) -> AsyncEngine:
+        """Build the engine (load the model unless `loaded`) on the engine thread."""
+        return cls(lambda: LLMEngine.from_config(config, loaded))
 
     # -- EngineClient --------------------------------------------------------------------
     def is_healthy(self) -> bool:
@@ -68,7 +81,7 @@ class AsyncEngine:
         if not self.is_healthy():
             raise EngineDeadError(f"the engine thread is not running: {self._dead}")
         self.engine.validate(list(prompt_token_ids), params)
-        limit = self.engine.config.scheduler.max_num_seqs + self.max_waiting
+        limit = self._max_in_flight
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -126,7 +139,23 @@ class AsyncEngine:
             except RuntimeError:  # the loop is closed: the caller is gone
                 pass
 
-    def _run(self) -> None:
+    def _build(self, build: Callable[[], LLMEngine] | None) -> bool:
+        try:
+            if build is not None:
+                self.engine = build()
+            self._snapshot()
+        except BaseException as exc:
+            self._build_error = exc
+        self._built.set()
+        return self._build_error is None
+
+    def _snapshot(self) -> None:
+        self._stats_snapshot = {"cache": self.engine.cache_stats(),
+                                "metrics": self.engine.metrics()}
+
+    def _run(self, build: Callable[[], LLMEngine] | None) -> None:
+        if not self._build(build):
+            return
         try:
             while not self._stop.is_set():
                 block = not self.engine.has_unfinished()
@@ -140,8 +169,7 @@ class AsyncEngine:
                 if self.engine.has_unfinished():
                     for out in self.engine.step():
                         self._deliver(out.request_id, out)
-                self._stats_snapshot = {"cache": self.engine.cache_stats(),
-                                        "metrics": self.engine.metrics()}
+                self._snapshot()
         except BaseException as exc:  # the engine is gone: tell every open stream
             self._dead = f"{type(exc).__name__}: {exc}"
             log.exception("engine thread died")

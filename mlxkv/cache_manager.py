@@ -1,8 +1,10 @@
-"""KVCacheManager: the request-level API over BlockPool + PrefixIndex (pure Python, no mlx).
+"""KVCacheManager: the request-level API over BlockPool + PrefixIndex (no mlx arrays).
 
 Layer groups (mlxkv.kv_spec) each have a BlockPool, a PrefixIndex and one block table per
 request; all groups share the request's token count and chained block hashes. Slots are
-`block_id * block_size + offset`.
+`block_id * block_size + offset`. A table is a persistent, growable numpy int32 array
+(`BlockTable`) that allocations append to, so a step reads tables and computes slots in
+numpy, in time proportional to its new tokens (plus one copy of the table row).
 
 Invariants (docs/kv-store.md; asserted by `check_invariants`):
   * a block's ref_count equals the number of tables (over all requests) holding it;
@@ -20,8 +22,10 @@ Invariants (docs/kv-store.md; asserted by `check_invariants`):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from mlxkv.blocks import NULL_BLOCK, BlockPool
 from mlxkv.kv_spec import KVGroupSpec
@@ -40,9 +44,68 @@ class Allocation:
     cow_copies: list[list[tuple[int, int]]] = field(default_factory=list)
 
 
+class BlockTable:
+    """One request's block ids in one group: a growable int32 array (amortised O(1) append).
+
+    Behaves as a list of ints for the control plane; `view()` is the live numpy prefix.
+    """
+
+    __slots__ = ("_buf", "_len")
+
+    def __init__(self, block_ids: Iterable[int] = ()):
+        ids = np.asarray(list(block_ids), dtype=np.int32)
+        self._buf = np.zeros(max(16, 2 * len(ids)), dtype=np.int32)
+        self._buf[: len(ids)] = ids
+        self._len = len(ids)
+
+    def view(self) -> np.ndarray:
+        """The table as an int32 array (a view: valid until the table next changes)."""
+        return self._buf[: self._len]
+
+    def append(self, block_id: int) -> None:
+        if self._len == len(self._buf):
+            self._buf = np.concatenate([self._buf, np.zeros_like(self._buf)])
+        self._buf[self._len] = block_id
+        self._len += 1
+
+    def pop(self) -> int:
+        self._len -= 1
+        return int(self._buf[self._len])
+
+    def copy(self) -> BlockTable:
+        return BlockTable(self.view())
+
+    def tolist(self) -> list[int]:
+        return self.view().tolist()
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.view()[index].tolist()
+        return int(self._buf[self._index(index)])
+
+    def __setitem__(self, index: int, block_id: int) -> None:
+        self._buf[self._index(index)] = block_id
+
+    def _index(self, index: int) -> int:
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError(f"block table index {index} out of range ({self._len})")
+        return index
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.tolist())
+
+    def __reversed__(self) -> Iterator[int]:
+        return reversed(self.tolist())
+
+
 @dataclass(slots=True)
 class _Seq:
-    tables: list[list[int]]
+    tables: list[BlockTable]
     num_tokens: int = 0
     hashes: list[int] = field(default_factory=list)  # chained hashes of committed blocks
 
@@ -92,15 +155,28 @@ class KVCacheManager:
 
     def block_tables(self, request_id: str) -> list[list[int]]:
         """Per group, the request's block ids in token order (null block 0 = out of window)."""
-        return [list(t) for t in self._seqs[request_id].tables]
+        return [t.tolist() for t in self._seqs[request_id].tables]
+
+    def block_table_arrays(self, request_id: str) -> list[np.ndarray]:
+        """block_tables as int32 arrays: views, valid until the request's next allocation."""
+        return [t.view() for t in self._seqs[request_id].tables]
 
     def num_free_blocks(self) -> list[int]:
         return [g.pool.num_free_blocks for g in self.groups]
 
     def slot_mapping(self, request_id: str, start: int, end: int) -> list[list[int]]:
         """Per group, slots of token positions start..end-1 (which must have slots)."""
+        return [a.tolist() for a in self.slot_arrays(request_id, start, end)]
+
+    def slot_arrays(self, request_id: str, start: int, end: int) -> list[np.ndarray]:
+        """slot_mapping as int32 arrays, computed vectorised (cost ~ end - start)."""
         bs, seq = self.block_size, self._seqs[request_id]
-        return [[t[p // bs] * bs + p % bs for p in range(start, end)] for t in seq.tables]
+        if end - start <= 2:  # decode rows: scalar arithmetic beats numpy's per-call cost
+            return [np.array([int(t._buf[p // bs]) * bs + p % bs for p in range(start, end)],
+                             dtype=np.int32) for t in seq.tables]
+        pos = np.arange(start, end, dtype=np.int32)
+        block, offset = pos // bs, pos % bs
+        return [t.view()[block] * bs + offset for t in seq.tables]
 
     def _blocks_needed(self, group: _Group, num_tokens: int, chunk: int) -> int:
         """Live blocks group needs for a sequence of num_tokens written chunk tokens at a time."""
@@ -143,7 +219,7 @@ class KVCacheManager:
         A hit counts only when every group holds the block."""
         if request_id in self._seqs:
             raise ValueError(f"request {request_id!r} already has a table")
-        seq = _Seq(tables=[[] for _ in self.groups])
+        seq = _Seq(tables=[BlockTable() for _ in self.groups])
         self._seqs[request_id] = seq
         self.counters["lookups"] += 1
         self.counters["query_tokens"] += len(token_ids)
@@ -190,7 +266,9 @@ class KVCacheManager:
         needed); copy-on-write a shared partial tail. None (and no change) when blocks are short."""
         if not self.can_allocate(request_id, num_new_tokens):
             return None
-        seq = self._seqs.setdefault(request_id, _Seq(tables=[[] for _ in self.groups]))
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            seq = self._seqs[request_id] = _Seq(tables=[BlockTable() for _ in self.groups])
         alloc = Allocation()
         bs, start = self.block_size, seq.num_tokens
         for g, table in zip(self.groups, seq.tables, strict=True):
@@ -209,7 +287,7 @@ class KVCacheManager:
         seq.num_tokens = start + num_new_tokens
         return alloc
 
-    def _prepare_tail(self, g: _Group, table: list[int], copies: list) -> None:
+    def _prepare_tail(self, g: _Group, table: BlockTable, copies: list) -> None:
         """Make the partial tail block writable: COW when shared, un-hash when ours alone."""
         tail = table[-1]
         if g.pool.ref_count[tail] > 1:
@@ -222,15 +300,14 @@ class KVCacheManager:
             g.index.forget(g.pool.block_hash[tail], tail)
             g.pool.clear_hash(tail)
 
-    def _drop_out_of_window(self, g: _Group, table: list[int], chunk_start: int) -> None:
+    def _drop_out_of_window(self, g: _Group, table: BlockTable, chunk_start: int) -> None:
         window = g.spec.sliding_window
         if window is None:
             return
-        first_needed = max(0, chunk_start - window + 1)
-        for i in range(first_needed // self.block_size):
-            if table[i] != NULL_BLOCK:
-                g.pool.free(table[i])
-                table[i] = NULL_BLOCK
+        head = table.view()[: max(0, chunk_start - window + 1) // self.block_size]
+        for i in np.flatnonzero(head != NULL_BLOCK).tolist():  # usually none or one
+            g.pool.free(int(head[i]))
+            head[i] = NULL_BLOCK
 
     # -- commit / fork / trim / free -----------------------------------------------------
     def commit(self, request_id: str, token_ids: Sequence[int], num_final_tokens: int) -> None:
@@ -264,7 +341,7 @@ class KVCacheManager:
                 if b != NULL_BLOCK:
                     g.pool.touch(b)
         self._seqs[child_id] = _Seq(
-            tables=[list(t) for t in parent.tables],
+            tables=[t.copy() for t in parent.tables],
             num_tokens=parent.num_tokens,
             hashes=list(parent.hashes),
         )

@@ -1,49 +1,41 @@
 """LLMEngine: the synchronous core. add_request / abort / step() -> RequestOutput deltas.
 
-One step: schedule (counts) -> COW copies -> build the flat batch -> forward over the
-paged store -> n > 1 forks -> sample -> commit full computed blocks -> append tokens,
-check stops, detokenise -> emit deltas (docs/architecture.md has the diagram). The engine
-owns the scheduler, the cache manager, the runner and the tokenizer; it is the only code
-that joins requests to arrays.
+A step is four stages, each with one owner (docs/architecture.md has the diagram):
+
+    schedule  Scheduler.schedule()          decides by counts: who runs, how many tokens
+    execute   LLMEngine._execute()          one batched COW copy, the flat batch, forward,
+                                            n > 1 fork rows, sample; mx.async_eval
+    update    OutputProcessor.update()      progress, commits, forks, tokens, stops,
+                                            logprobs, detokenization, frees
+    emit      the returned RequestOutputs
+
+Pipelining: after launching step N, step() schedules and launches step N + 1 (its decode
+inputs read step N's sampled ids on the device) before it waits for N's ids, so the host
+work of N + 1 overlaps N's evaluation. A request that stops at N has a row in N + 1 that
+is dropped. Rows whose sampling needs host-side token values (penalties) turn the
+overlap off for that step. The engine is the only code that joins requests to arrays.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
-from collections import deque
 from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 
 from mlxkv.cache_manager import KVCacheManager
 from mlxkv.config import EngineConfig
-from mlxkv.detokenizer import Detokenizer
 from mlxkv.errors import InvalidRequestError
 from mlxkv.inputs import SeqEntry, build_batch
 from mlxkv.kernels.selfcheck import make_kernel_guard
 from mlxkv.kv_store import KVStore
-from mlxkv.outputs import RequestOutput, TokenLogprob
+from mlxkv.output_processor import OutputProcessor, StepResult
+from mlxkv.outputs import RequestOutput
 from mlxkv.request import Request, RequestStatus
 from mlxkv.runner import ModelRunner
 from mlxkv.samplers import SampleRow, sample
 from mlxkv.sampling import SamplingParams
-from mlxkv.scheduler import ScheduledSeq, Scheduler
-
-_FINISH = {
-    RequestStatus.FINISHED_STOPPED: "stop",
-    RequestStatus.FINISHED_LENGTH: "length",
-    RequestStatus.FINISHED_ABORTED: "abort",
-    RequestStatus.FINISHED_ERROR: "error",
-}
-
-
-def _eos_ids(tokenizer) -> set[int]:
-    if tokenizer is None:
-        return set()
-    ids = getattr(tokenizer, "eos_token_ids", None) or []
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return set(ids) | ({eos} if isinstance(eos, int) else set())
+from mlxkv.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 
 
 class LLMEngine:
@@ -63,14 +55,15 @@ class LLMEngine:
             selfcheck=config.kernel_selfcheck)
         self.runner = ModelRunner(model, store, decode_op)
         self.scheduler = Scheduler(config.scheduler, cache)
-        self.eos_token_ids = _eos_ids(tokenizer)
-        self._detok: dict[str, Detokenizer] = {}
+        self.processor = OutputProcessor(self.scheduler, cache, tokenizer)
+        self.eos_token_ids = self.processor.eos_token_ids
+        self.stats = self.processor.stats
+        self.ttft = self.processor.ttft
+        self.itl = self.processor.itl
+        self.vocab_size = int(model.model.embed_tokens.weight.shape[0])
+        self.pipeline = True  # overlap the next step's host work with this step's evaluation
         self._seeds = itertools.count(config.seed * 7919 + 1)
-        self._pending: list[RequestOutput] = []
-        self.stats = {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0,
-                      "cached_tokens": 0, "steps": 0, "errors": 0}
-        self.ttft: deque[float] = deque(maxlen=4096)
-        self.itl: deque[float] = deque(maxlen=4096)
+        self._inflight: StepResult | None = None
         # Called as sink(request_ids, logits [rows, vocab]) with the fp32 logits each step
         # samples from, row i belonging to request_ids[i] (forks included). For oracles and
         # debugging; None in serving.
@@ -90,7 +83,7 @@ class LLMEngine:
             raise InvalidRequestError("params must be SamplingParams", param="params")
         if len(prompt_token_ids) == 0:
             raise InvalidRequestError("the prompt is empty", param="prompt")
-        vocab = self.runner.model.model.embed_tokens.weight.shape[0]
+        vocab = self.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         if len(prompt_token_ids) + 1 > self.max_model_len:
@@ -109,190 +102,148 @@ class LLMEngine:
             raise InvalidRequestError(f"duplicate request id {request_id!r}", param="request_id")
         limit = len(prompt) + (params.max_tokens or self.max_model_len)
         req = Request(request_id, prompt, params, max_total_tokens=min(limit, self.max_model_len))
-        self._detok[request_id] = Detokenizer(self.tokenizer, params.stop,
-                                              params.include_stop_str_in_output,
-                                              params.skip_special_tokens)
         req.seed = params.seed if params.seed is not None else next(self._seeds)
-        self.scheduler.add(req)
-        self.stats["requests"] += 1
-        self.stats["prompt_tokens"] += len(prompt)
+        self.processor.add(req)
 
     def abort(self, request_id: str) -> bool:
         """Abort a request and its forks; frees their blocks. Returns whether any was live."""
         found = False
         for req in list(self.scheduler.running) + list(self.scheduler.waiting):
             if req.user_id == request_id or req.request_id == request_id:
-                self._finish(req, RequestStatus.FINISHED_ABORTED)
+                self.processor.finish(req, RequestStatus.FINISHED_ABORTED)
                 found = True
         return found
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        return (self.scheduler.has_unfinished() or self.processor.has_pending()
+                or self._inflight is not None)
 
     def num_unfinished(self) -> int:
         return len(self.scheduler.running) + len(self.scheduler.waiting)
 
+    @property
+    def _detok(self):  # the per-request detokenizers (tests inject faults through it)
+        return self.processor.detokenizers
+
     # -- one step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step and return every request's new delta."""
-        outputs, self._pending = self._pending, []
+        """Run one step and return every request's new delta (the step's own tokens).
+
+        The next step may already be launched when this returns (see the module doc).
+        """
+        outputs = self.processor.take_pending()
+        current, self._inflight = self._inflight, None
+        if current is None:
+            current = self._launch(None)
+        if current is None:
+            return outputs + self.processor.take_pending()
+        if self.pipeline and not self._needs_host_values():
+            self._inflight = self._launch(current)  # host work of N + 1 while N evaluates
+        return outputs + self.processor.update(current)
+
+    def _needs_host_values(self) -> bool:
+        """Whether a running request samples from its token values (so cannot overlap)."""
+        return any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty
+                   or r.params.frequency_penalty for r in self.scheduler.running)
+
+    def _launch(self, prev: StepResult | None) -> StepResult | None:
+        """Schedule and execute one step (lazy: evaluation runs in the background). `prev`:
+        the step still evaluating, whose sampled ids feed this step's decode rows."""
         out = self.scheduler.schedule()
         if not out.scheduled:
-            return outputs
+            self.processor.advance(out)
+            return None
         self.stats["steps"] += 1
         try:
-            tokens, logprobs, rows = self._forward(out.scheduled)
+            step = self._execute(out, prev)
         except Exception as exc:  # a failure in the batch fails its requests, not the engine
-            for s in out.scheduled:
-                self._fail(s.request, f"{type(exc).__name__}: {exc}")
-            return outputs + self._drain_pending()
-        now = time.monotonic()
+            self.processor.advance(out)
+            self._fail_batch(out, f"{type(exc).__name__}: {exc}")
+            return None
+        self.processor.advance(out, step.rows)
+        return step
+
+    def _fail_batch(self, out: SchedulerOutput, message: str) -> None:
         for s in out.scheduled:
-            s.request.num_computed_tokens += s.num_new_tokens
-            self.cache.commit(s.request.request_id, s.request.token_ids,
-                              s.request.num_computed_tokens)
-        for i, (req, _) in enumerate(rows):
-            try:
-                outputs.append(self._append(req, int(tokens[i]), logprobs, i, now))
-            except Exception as exc:
-                self._fail(req, f"{type(exc).__name__}: {exc}")
-        return outputs + self._drain_pending()
+            req = s.request
+            self.processor.fail(req, message)
+            if req.params.n > 1 and req.index == 0 and not req.forked:
+                for i in range(1, req.params.n):  # its forks' streams end with it
+                    self.processor.make_fork(req, i)
 
-    def _forward(self, scheduled: list[ScheduledSeq]):
-        entries, rows = [], []
-        for s in scheduled:
-            req, start = s.request, s.request.num_computed_tokens
-            end = start + s.num_new_tokens
-            self.runner.copy_blocks(s.allocation.cow_copies)
-            entries.append(SeqEntry(req.token_ids[start:end], start,
-                                    self.cache.slot_mapping(req.request_id, start, end),
-                                    self.cache.block_tables(req.request_id), s.samples))
-            if s.samples:
-                rows.append((req, len(entries) - 1))
-        logits = self.runner.forward(build_batch(entries))
-        if not rows:  # only prefill chunks that do not reach the end: nothing to sample
-            mx.eval(logits, self.store.arrays())
-            return [], None, []
-        sample_rows, logit_rows = [], []
-        for row_idx, (req, _) in enumerate(list(rows)):
-            for child in self._maybe_fork(req):
-                rows.append((child, None))
-                logit_rows.append(row_idx)
-            sample_rows.append(self._sample_row(req))
-        for child, _ in rows[len(sample_rows):]:
-            sample_rows.append(self._sample_row(child))
-        if logit_rows:
-            index = mx.array(list(range(len(sample_rows) - len(logit_rows))) + logit_rows)
-            logits = logits[index]
+    def _execute(self, out: SchedulerOutput, prev: StepResult | None) -> StepResult:
+        self._copy_blocks(out.scheduled)
+        entries, deferred = self._entries(out.scheduled, prev)
+        batch = build_batch(entries)
+        if deferred:  # decode inputs still being sampled by the previous step
+            flat, rows = zip(*deferred, strict=True)
+            batch.input_ids[mx.array(flat)] = prev.token_ids[mx.array(rows)]
+        logits = self.runner.forward(batch)
+        step = StepResult(out.scheduled)
+        step.rows = self._sample_rows(out.scheduled)
+        if not step.rows:  # only prefill chunks that do not reach the end
+            mx.async_eval(self.store.arrays())
+            return step
+        logits = self._fork_logits(logits, step.rows)
         if self.logits_sink is not None:
-            self.logits_sink([req.request_id for req, _ in rows], logits)
-        tokens, logprobs = sample(logits, sample_rows)
-        mx.eval(tokens, self.store.arrays(), *([logprobs] if logprobs is not None else []))
-        return tokens.tolist(), logprobs, rows
+            self.logits_sink([req.request_id if not i else f"{req.request_id}#{i}"
+                              for req, i in step.rows], logits)
+        tokens, logprobs = sample(logits, [self._sample_row(req, i) for req, i in step.rows])
+        step.token_ids = tokens
+        step.row_of = {req.request_id: row for row, (req, i) in enumerate(step.rows) if not i}
+        arrays = [tokens]
+        if logprobs is not None:
+            step.logprobs = _logprob_summary(logprobs, tokens, step.rows)
+            arrays += step.logprobs
+        mx.async_eval(*arrays, *self.store.arrays())
+        return step
 
-    def _sample_row(self, req: Request) -> SampleRow:
-        return SampleRow(req.params, req.seed, len(req.output_token_ids),
+    def _copy_blocks(self, scheduled: list[ScheduledSeq]) -> None:
+        """One batched COW copy per layer group for the whole step, before its writes."""
+        pairs: list[list[tuple[int, int]]] = [[] for _ in self.cache.groups]
+        for s in scheduled:
+            for group_pairs, copies in zip(pairs, s.allocation.cow_copies, strict=True):
+                group_pairs.extend(copies)
+        self.runner.copy_blocks(pairs)
+
+    def _entries(self, scheduled: list[ScheduledSeq], prev: StepResult | None):
+        entries, deferred, num_flat = [], [], 0
+        for s in scheduled:
+            req, end = s.request, s.start + s.num_new_tokens
+            rid = req.request_id
+            ids = req.token_ids[s.start : end]
+            if len(ids) < s.num_new_tokens:  # the last input is in flight (prev's row)
+                deferred.append((num_flat + len(ids), prev.row_of[rid]))
+                ids.append(0)
+            entries.append(SeqEntry(ids, s.start, self.cache.slot_arrays(rid, s.start, end),
+                                    self.cache.block_table_arrays(rid), s.samples))
+            num_flat += s.num_new_tokens
+        return entries, deferred
+
+    @staticmethod
+    def _sample_rows(scheduled: list[ScheduledSeq]) -> list[tuple[Request, int]]:
+        """Sampled rows: each sampling sequence, then the fork rows of fresh n > 1 prefills."""
+        rows = [(s.request, 0) for s in scheduled if s.samples]
+        forks = []
+        for req, _ in rows:
+            if req.params.n > 1 and not req.forked and req.index == 0:
+                forks += [(req, i) for i in range(1, req.params.n)]
+        return rows + forks
+
+    @staticmethod
+    def _fork_logits(logits: mx.array, rows: list[tuple[Request, int]]) -> mx.array:
+        num_own = sum(1 for _, i in rows if not i)
+        if num_own == len(rows):
+            return logits
+        row_of = {id(req): r for r, (req, i) in enumerate(rows) if not i}
+        index = list(range(num_own)) + [row_of[id(req)] for req, i in rows[num_own:]]
+        return logits[mx.array(index)]
+
+    @staticmethod
+    def _sample_row(req: Request, fork: int) -> SampleRow:
+        return SampleRow(req.params, req.seed + fork, req.num_output_tokens,
                          req.token_ids if req.params.repetition_penalty != 1.0 else (),
                          req.output_token_ids)
-
-    def _maybe_fork(self, req: Request) -> list[Request]:
-        """After the prefill of an n > 1 request, make its n - 1 forks (sharing all blocks)."""
-        if req.params.n == 1 or req.forked or req.index != 0:
-            return []
-        req.forked = True
-        children = []
-        for i in range(1, req.params.n):
-            child = Request(f"{req.request_id}#{i}", req.prompt_token_ids, req.params,
-                            user_id=req.user_id, index=i, max_total_tokens=req.max_total_tokens)
-            child.num_computed_tokens = req.num_tokens  # the prefill that samples covers all
-            child.num_cached_tokens = req.num_cached_tokens
-            child.seed = req.seed + i
-            child.forked = True
-            self.cache.fork(req.request_id, child.request_id)
-            self._detok[child.request_id] = Detokenizer(
-                self.tokenizer, req.params.stop, req.params.include_stop_str_in_output,
-                req.params.skip_special_tokens)
-            self.scheduler.admit_running(child)
-            children.append(child)
-        return children
-
-    # -- results -------------------------------------------------------------------------
-    def _append(self, req: Request, token: int, logprobs, row: int, now: float) -> RequestOutput:
-        if req.is_finished:
-            return self._output(req, [], "")
-        if req.first_token_time is None:
-            req.first_token_time = now
-            self.ttft.append(now - req.arrival_time)
-        elif req.last_token_time is not None:
-            self.itl.append(now - req.last_token_time)
-        req.last_token_time = now
-        req.output_token_ids.append(token)
-        self.stats["generation_tokens"] += 1
-        lp = self._logprob(req, token, logprobs, row)
-        status = self._check_stop(req, token)
-        detok = self._detok[req.request_id]
-        text = detok.update(self._visible_ids(req, status), final=status is not None)
-        if detok.stopped_on is not None:
-            req.stop_reason, status = detok.stopped_on, RequestStatus.FINISHED_STOPPED
-        if status is not None:
-            self._finish(req, status, emit=False)
-        return self._output(req, [token], text, lp)
-
-    def _visible_ids(self, req: Request, status) -> list[int]:
-        ids = req.output_token_ids
-        if status is RequestStatus.FINISHED_STOPPED and req.stop_reason == ids[-1]:
-            return ids[:-1]
-        return ids
-
-    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
-        p = req.params
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            req.stop_reason = token
-            return RequestStatus.FINISHED_STOPPED
-        if (p.max_tokens is not None and len(req.output_token_ids) >= p.max_tokens) or (
-            req.num_tokens >= req.max_total_tokens
-        ):
-            return RequestStatus.FINISHED_LENGTH
-        return None
-
-    def _logprob(self, req: Request, token: int, logprobs, row: int):
-        k = req.params.logprobs
-        if k is None or logprobs is None:
-            return None
-        lp_row = logprobs[row]
-        top = {}
-        if k > 0:
-            idx = mx.argsort(-lp_row)[:k]
-            top = dict(zip(idx.tolist(), lp_row[idx].tolist(), strict=True))
-        return [TokenLogprob(token, float(lp_row[token].item()), top)]
-
-    def _output(self, req: Request, new_ids, text, logprobs=None) -> RequestOutput:
-        return RequestOutput(
-            request_id=req.user_id, index=req.index, new_token_ids=list(new_ids),
-            new_text=text, logprobs=logprobs, finished=req.is_finished,
-            finish_reason=_FINISH.get(req.status), stop_reason=req.stop_reason,
-            num_prompt_tokens=req.num_prompt_tokens,
-            num_cached_tokens=max(0, req.num_cached_tokens),
-            num_generated_tokens=len(req.output_token_ids), error=req.error,
-        )
-
-    def _finish(self, req: Request, status: RequestStatus, emit: bool = True) -> None:
-        if req.is_finished:
-            return
-        self.scheduler.finish(req, status)
-        self.stats["cached_tokens"] += max(0, req.num_cached_tokens)
-        self._detok.pop(req.request_id, None)
-        if emit:
-            self._pending.append(self._output(req, [], ""))
-
-    def _fail(self, req: Request, message: str) -> None:
-        req.error = message
-        self.stats["errors"] += 1
-        self._finish(req, RequestStatus.FINISHED_ERROR)
-
-    def _drain_pending(self) -> list[RequestOutput]:
-        out, self._pending = self._pending, []
-        return out
 
     # -- introspection -------------------------------------------------------------------
     def cache_stats(self) -> dict:
@@ -306,3 +257,11 @@ class LLMEngine:
         return {**self.stats, "preemptions": self.scheduler.num_preemptions,
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "ttft": list(self.ttft), "itl": list(self.itl)}
+
+
+def _logprob_summary(logprobs: mx.array, tokens: mx.array, rows) -> tuple:
+    """(chosen [S], top ids [S, K], top values [S, K]) for K = the largest top-k asked."""
+    k = max(req.params.logprobs or 0 for req, _ in rows)
+    chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_ids = mx.argsort(-logprobs, axis=-1)[:, :k]
+    return chosen, top_ids, mx.take_along_axis(logprobs, top_ids, axis=-1)

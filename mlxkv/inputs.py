@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import numpy as np
 
 
 @dataclass(slots=True)
@@ -20,7 +21,7 @@ class SeqEntry:
 
     token_ids: Sequence[int]  # the new tokens computed this step
     start_pos: int  # position of token_ids[0]
-    slot_mapping: Sequence[Sequence[int]]  # per group, one slot per new token
+    slot_mapping: Sequence[Sequence[int]]  # per group, one slot per new token (list or array)
     block_tables: Sequence[Sequence[int]]  # per group, block ids covering the context
     sample: bool = True  # whether the last token's logits are needed
 
@@ -56,7 +57,10 @@ class BatchInputs:
 
 def _pad_tables(tables: list[Sequence[int]]) -> mx.array:
     width = max(1, max(len(t) for t in tables))
-    return mx.array([list(t) + [0] * (width - len(t)) for t in tables], dtype=mx.int32)
+    padded = np.zeros((len(tables), width), dtype=np.int32)
+    for row, table in zip(padded, tables, strict=True):
+        row[: len(table)] = table
+    return mx.array(padded)
 
 
 def build_batch(entries: Sequence[SeqEntry]) -> BatchInputs:
@@ -65,13 +69,13 @@ def build_batch(entries: Sequence[SeqEntry]) -> BatchInputs:
         raise ValueError("build_batch needs at least one sequence")
     num_groups = len(entries[0].block_tables)
     ids, positions, starts, lens, logits_idx = [], [], [0], [], []
-    slots: list[list[int]] = [[] for _ in range(num_groups)]
+    slots: list[list] = [[] for _ in range(num_groups)]
     for e in entries:
         n = len(e.token_ids)
         ids.extend(e.token_ids)
         positions.extend(range(e.start_pos, e.start_pos + n))
         for g in range(num_groups):
-            slots[g].extend(e.slot_mapping[g])
+            slots[g].append(np.asarray(e.slot_mapping[g], dtype=np.int32))
         starts.append(starts[-1] + n)
         lens.append(e.start_pos + n)
         if e.sample:
@@ -79,7 +83,7 @@ def build_batch(entries: Sequence[SeqEntry]) -> BatchInputs:
     return BatchInputs(
         input_ids=mx.array(ids, dtype=mx.int32),
         positions=mx.array(positions, dtype=mx.int32),
-        slot_mapping=[mx.array(s, dtype=mx.int32) for s in slots],
+        slot_mapping=[mx.array(np.concatenate(s)) for s in slots],
         block_tables=[_pad_tables([e.block_tables[g] for e in entries]) for g in range(num_groups)],
         seq_lens=mx.array(lens, dtype=mx.int32),
         logits_indices=mx.array(logits_idx, dtype=mx.int32),

@@ -6,7 +6,11 @@ request is first matched against the prefix cache; only its uncached tokens are
 scheduled, in chunks of at most the remaining budget. When a running request cannot get
 blocks, the most recently admitted running request is preempted by recompute: its blocks
 are released tail first and it goes back to the front of the queue. Decisions depend on
-counts only, never on sampled token values. Allocations are passed through opaquely.
+counts only, never on sampled token values (a token still being sampled counts as one),
+so the next step can be scheduled while this one evaluates. Allocations are passed
+through opaquely. The scheduler decides only: it moves requests between queues and sets
+their status; request progress is written by the output processor from the
+`SchedulerOutput` (mlxkv/output_processor.py).
 """
 
 from __future__ import annotations
@@ -21,15 +25,22 @@ from mlxkv.request import Request, RequestStatus
 
 @dataclass(slots=True)
 class ScheduledSeq:
+    """One sequence's share of a step: tokens [start, start + num_new_tokens) get KV.
+
+    `samples`: the chunk reaches the end of the sequence (in-flight tokens included), so
+    its last row's logits are sampled. Fixed at scheduling time.
+    """
+
     request: Request
     num_new_tokens: int
     allocation: Allocation
+    start: int = -1  # tokens already computed (-1: the request's num_computed_tokens)
+    samples: bool = field(init=False, default=False)
 
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the end of the known tokens (so logits are needed)."""
-        r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+    def __post_init__(self) -> None:
+        if self.start < 0:
+            self.start = self.request.num_computed_tokens
+        self.samples = self.start + self.num_new_tokens == self.request.num_tokens
 
 
 @dataclass(slots=True)
@@ -88,7 +99,7 @@ class Scheduler:
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         scheduled_ids: set[str] = set()
         for req in list(self.running):
-            if req not in self.running or budget <= 0:
+            if req.status is not RequestStatus.RUNNING or budget <= 0:  # preempted just now
                 continue
             num_new = min(req.num_pending_tokens, budget)
             if num_new <= 0:
@@ -115,7 +126,6 @@ class Scheduler:
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)
         self.cache.free(req.request_id)
-        req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -125,24 +135,21 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            if not self.cache.has_request(req.request_id):
-                req.num_computed_tokens = self.cache.lookup(req.request_id, req.token_ids)
-            num_new = min(req.num_pending_tokens, budget)
-            if num_new < req.num_pending_tokens and not self.config.enable_chunked_prefill:
-                self._undo_lookup(req)
+            if self.cache.has_request(req.request_id):
+                start = self.cache.num_tokens(req.request_id)
+            else:
+                start = self.cache.lookup(req.request_id, req.token_ids)
+            num_pending = req.num_tokens - start
+            num_new = min(num_pending, budget)
+            if num_new < num_pending and not self.config.enable_chunked_prefill:
+                self.cache.free(req.request_id)  # undo the lookup
                 break
             alloc = self.cache.allocate_slots(req.request_id, num_new)
             if alloc is None:
-                self._undo_lookup(req)
+                self.cache.free(req.request_id)
                 break
             self.waiting.popleft()
-            if req.num_cached_tokens < 0:  # first admission (not a failed try, not a resume)
-                req.num_cached_tokens = req.num_computed_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.scheduled.append(ScheduledSeq(req, num_new, alloc))
+            out.scheduled.append(ScheduledSeq(req, num_new, alloc, start))
             budget -= num_new
-
-    def _undo_lookup(self, req: Request) -> None:
-        self.cache.free(req.request_id)
-        req.num_computed_tokens = 0

@@ -230,3 +230,27 @@ def test_randomized_sweep_keeps_invariants():
     mgr.check_invariants()
     mgr.evict_all_cached()
     assert mgr.num_free_blocks() == [39, 39]
+
+
+def test_tables_are_persistent_arrays_fed_by_allocations():
+    """A step reads each table as an int32 array and gets its slots vectorised; appends go
+    into the same buffer (no per-step rebuild) and a COW swaps the tail entry in place."""
+    import numpy as np
+
+    mgr = manager(num_blocks=40, block_size=4)
+    run(mgr, "a", list(range(6)))  # blocks 1, 2
+    (table,) = mgr.block_table_arrays("a")
+    assert table.dtype == np.int32 and table.tolist() == [1, 2]
+    mgr.allocate_slots("a", 3)  # positions 6..8: block 3 appended
+    (grown,) = mgr.block_table_arrays("a")
+    assert grown.tolist() == [1, 2, 3] and np.shares_memory(table, grown)
+    (slots,) = mgr.slot_arrays("a", 5, 9)
+    assert slots.dtype == np.int32 and slots.tolist() == [2 * 4 + 1, 2 * 4 + 2, 2 * 4 + 3, 3 * 4]
+    mgr.fork("a", "b")
+    alloc = mgr.allocate_slots("b", 1)  # b's partial tail is shared: COW 3 -> 4
+    assert alloc.cow_copies == [[(3, 4)]] and mgr.block_table_arrays("b")[0].tolist() == [1, 2, 4]
+    assert mgr.block_table_arrays("a")[0].tolist() == [1, 2, 3]
+    mgr.allocate_slots("a", 4 * 20)  # past the initial capacity of 16 entries
+    assert mgr.block_tables("a") == [[1, 2, 3, *range(5, 25)]]
+    assert mgr.slot_mapping("a", 88, 90) == [[24 * 4 + 0, 24 * 4 + 1]]
+    mgr.check_invariants()

@@ -8,6 +8,7 @@ in KILLERS under each one and requires that they fail.
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from mlxkv import attention, inputs
 from mlxkv.cache_manager import KVCacheManager
@@ -62,31 +63,32 @@ def prefix_hit_neighbour_block(mp):
 
 def stale_slot_mapping(mp):
     """Decode steps reuse the slots of the request's previous decode step."""
-    orig = KVCacheManager.slot_mapping
+    orig = KVCacheManager.slot_arrays
     seen: dict[tuple[int, str], list] = {}
 
-    def slot_mapping(self, request_id, start, end):
+    def slot_arrays(self, request_id, start, end):
         slots = orig(self, request_id, start, end)
         if end - start != 1:
             return slots
         return seen.setdefault((id(self), request_id), slots)
 
-    mp.setattr(KVCacheManager, "slot_mapping", slot_mapping)
+    mp.setattr(KVCacheManager, "slot_arrays", slot_arrays)
 
 
 def slot_off_by_one(mp):
     """Every token's K/V lands in the slot after its own (within the block table)."""
-    orig = KVCacheManager.slot_mapping
+    orig = KVCacheManager.slot_arrays
 
-    def slot_mapping(self, request_id, start, end):
+    def slot_arrays(self, request_id, start, end):
         tables = self._seqs[request_id].tables
         bs = self.block_size
         out = orig(self, request_id, start, end)
-        return [[t[(p + 1) // bs] * bs + (p + 1) % bs if (p + 1) // bs < len(t) else s
-                 for p, s in zip(range(start, end), slots, strict=True)]
+        return [np.array([t[(p + 1) // bs] * bs + (p + 1) % bs if (p + 1) // bs < len(t) else s
+                          for p, s in zip(range(start, end), slots.tolist(), strict=True)],
+                         dtype=np.int32)
                 for t, slots in zip(tables, out, strict=True)]
 
-    mp.setattr(KVCacheManager, "slot_mapping", slot_mapping)
+    mp.setattr(KVCacheManager, "slot_arrays", slot_arrays)
 
 
 def cow_shares_instead_of_copies(mp):

@@ -13,6 +13,7 @@ import pytest
 
 from mlxkv.cache_manager import Allocation
 from mlxkv.config import SchedulerConfig
+from mlxkv.output_processor import advance_progress as advance
 from mlxkv.request import Request, RequestStatus
 from mlxkv.sampling import SamplingParams
 from mlxkv.scheduler import Scheduler, SchedulerOutput
@@ -69,12 +70,13 @@ def make_scheduler(num_blocks=64, hits=None, **config) -> tuple[Scheduler, FakeC
 
 
 def run(out: SchedulerOutput, token: int = 7) -> SchedulerOutput:
-    """Do what the engine does with a schedule: compute the chunks, append sampled tokens."""
+    """Do what the engine does with a schedule: record its progress (the output processor's
+    `advance`), then land each sampled token."""
+    advance(out)
     for s in out.scheduled:
-        samples = s.samples
-        s.request.num_computed_tokens += s.num_new_tokens
-        if samples:
-            s.request.output_token_ids.append(token)
+        if s.samples:
+            s.request.num_inflight_tokens -= 1
+            s.request.append_output_token(token)
     return out
 
 
@@ -303,9 +305,42 @@ def test_admit_running_adds_a_fork_behind_the_running_set():
     step(sched)
     child = make_request("a#1", 4)
     child.num_computed_tokens = 4
-    child.output_token_ids.append(9)
+    child.append_output_token(9)
     cache.tables["a#1"] = [4, 1]  # the fork shares a's table
     sched.admit_running(child)
     assert ids(sched.running) == ["a", "a#1"] and child.status is RequestStatus.RUNNING
     assert rows(step(sched)) == [("a", 1), ("a#1", 1)]
     assert sched.get("a#1") is child
+
+
+# -- pipelining: tokens in flight ----------------------------------------------------------
+def test_a_token_in_flight_is_scheduled_as_the_next_input():
+    """Step N + 1 is scheduled before step N's token lands: the in-flight token counts."""
+    sched, cache = make_scheduler()
+    a = make_request("a", 5)
+    sched.add(a)
+    advance(sched.schedule())  # prefill launched, its token not on the host yet
+    assert (a.num_computed_tokens, a.num_inflight_tokens, a.num_tokens) == (5, 1, 6)
+    out = sched.schedule()
+    assert rows(out) == [("a", 1)] and out.scheduled[0].start == 5 and out.scheduled[0].samples
+    assert cache.calls[-1] == ("allocate", "a", 1, 0)
+
+
+def test_a_request_at_its_length_cap_by_count_is_not_scheduled_again():
+    sched, _ = make_scheduler()
+    a = Request("a", list(range(5)), SamplingParams(max_tokens=1), max_total_tokens=6)
+    sched.add(a)
+    advance(sched.schedule())  # its only token is in flight
+    assert a.num_pending_tokens == 0 and rows(sched.schedule()) == []
+    assert sched.running == [a]  # the update finishes it when the token lands
+
+
+def test_progress_is_written_by_advance_not_by_schedule():
+    sched, _ = make_scheduler(hits={"a": 8})
+    a = make_request("a", 10)
+    sched.add(a)
+    out = sched.schedule()
+    assert (a.num_computed_tokens, a.num_cached_tokens) == (0, -1)  # decided, not recorded
+    assert out.scheduled[0].start == 8 and out.scheduled[0].num_new_tokens == 2
+    advance(out)
+    assert (a.num_computed_tokens, a.num_cached_tokens, a.num_inflight_tokens) == (10, 8, 1)
