@@ -29,6 +29,7 @@ from mlxkv.runner import ModelRunner
 from mlxkv.samplers import SampleRow, sample
 from mlxkv.sampling import SamplingParams
 from mlxkv.scheduler import ScheduledSeq, Scheduler
+from mlxkv.structured import StructuredOutputs
 
 _FINISH = {
     RequestStatus.FINISHED_STOPPED: "stop",
@@ -60,6 +61,7 @@ class LLMEngine:
             model, store, default_decode_op(config.attention, config.kernel_verbose))
         self.scheduler = Scheduler(config.scheduler, cache)
         self.eos_token_ids = _eos_ids(tokenizer)
+        self.structured = StructuredOutputs(tokenizer)  # JSON-schema masks (json_schema rows)
         self._detok: dict[str, Detokenizer] = {}
         self._seeds = itertools.count(config.seed * 7919 + 1)
         self._pending: list[RequestOutput] = []
@@ -95,6 +97,7 @@ class LLMEngine:
                 f"most {self.max_model_len} tokens per sequence, including at least one generated",
                 param="messages",
             )
+        self.structured.validate(params.json_schema)
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
                     params: SamplingParams) -> None:
@@ -182,7 +185,9 @@ class LLMEngine:
             logits = logits[index]
         if self.logits_sink is not None:
             self.logits_sink([req.request_id for req, _ in rows], logits)
-        tokens, logprobs = sample(logits, sample_rows)
+        requests = [req for req, _ in rows]
+        tokens, logprobs = sample(logits, sample_rows,
+                                  lambda x: self.structured.apply(x, requests))
         mx.eval(tokens, self.store.arrays(), *([logprobs] if logprobs is not None else []))
         return tokens.tolist(), logprobs, rows
 
@@ -223,6 +228,7 @@ class LLMEngine:
             self.itl.append(now - req.last_token_time)
         req.last_token_time = now
         req.output_token_ids.append(token)
+        self.structured.advance(req, token)
         self.stats["generation_tokens"] += 1
         lp = self._logprob(req, token, logprobs, row)
         status = self._check_stop(req, token)
@@ -278,6 +284,7 @@ class LLMEngine:
         self.scheduler.finish(req, status)
         self.stats["cached_tokens"] += max(0, req.num_cached_tokens)
         self._detok.pop(req.request_id, None)
+        self.structured.release(req.request_id)
         if emit:
             self._pending.append(self._output(req, [], ""))
 
