@@ -81,16 +81,16 @@ class TaggedToolCalls(_CallEmitter):
         super().__init__()
         self.start, self.end, self.parse, self.tools = start, end, parse, tools
         self.buffer = ""
-        self.pending_space = ""  # whitespace content held until non-space content follows
+        self.pending_space = ""  # trailing whitespace of the content so far, not yet sent
         self.tool_text: str | None = None  # inside a call: its text so far
 
     def _content(self, text: str) -> list[dict]:
+        # Trailing whitespace waits for what follows: dropped before a call or at the end
+        # after calls, so chunking never changes the content.
         text = self.pending_space + text
-        if not text.strip():
-            self.pending_space = text
-            return []
-        self.pending_space = ""
-        return [{"content": text}]
+        body = text.rstrip()
+        self.pending_space = text[len(body):]
+        return [{"content": body}] if body else []
 
     def _calls(self, text: str) -> list[dict]:
         try:
@@ -133,10 +133,10 @@ class TaggedToolCalls(_CallEmitter):
         if self.tool_text is not None:
             text, self.tool_text, self.buffer = self.tool_text + self.buffer, None, ""
             return self._calls(text) if text.strip() else []
-        rest, self.buffer = self.buffer, ""
-        if self.made_calls and not rest.strip():
+        text, self.buffer, self.pending_space = self.pending_space + self.buffer, "", ""
+        if not text or (self.made_calls and not text.strip()):
             return []
-        return [{"content": self.pending_space + rest}] if (self.pending_space + rest) else []
+        return [{"content": text}]
 
 
 class ForcedFunction(_CallEmitter):
