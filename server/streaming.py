@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import anyio
@@ -18,6 +19,8 @@ from server.responses import (
     usage,
 )
 from server.tool_calls import PlainText, finish_reason, fold
+
+log = logging.getLogger("mlxkv.server")
 
 
 def _finish(out: RequestOutput) -> str | None:
@@ -106,6 +109,10 @@ async def stream_chunks(engine, kind: str, request_id: str, first: RequestOutput
             body = envelope("chat.completion.chunk" if kind == "chat" else "text_completion",
                             request_id, engine.model_name, [], counts.body())
             yield sse(body)
+        yield sse("[DONE]")
+    except Exception as exc:  # headers are sent: end the stream cleanly, never cut it
+        log.error("%s: stream failed: %s: %s", request_id, type(exc).__name__, exc)
+        yield _error_event(f"{type(exc).__name__}: {exc}")
         yield sse("[DONE]")
     finally:
         await stream.aclose()

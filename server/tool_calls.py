@@ -95,13 +95,12 @@ class TaggedToolCalls(_CallEmitter):
     def _calls(self, text: str) -> list[dict]:
         try:
             parsed = self.parse(text, self.tools)
+            calls = [(c["name"], c.get("arguments", {}))
+                     for c in (parsed if isinstance(parsed, list) else [parsed])]
         except Exception as exc:  # a truncated or malformed call stays visible as text
             log.warning("tool call not parsed (%s: %s)", type(exc).__name__, exc)
             return self._content(self.start + text + self.end)
-        out: list[dict] = []
-        for call in parsed if isinstance(parsed, list) else [parsed]:
-            out += self.call(call["name"], call.get("arguments", {}))
-        return out
+        return [d for name, arguments in calls for d in self.call(name, arguments)]
 
     def feed(self, text: str) -> list[dict]:
         self.buffer += text
@@ -167,13 +166,10 @@ class ForcedRequired(_CallEmitter):
 
     def close(self) -> list[dict]:
         try:
-            calls = json.loads(self.text)
-        except ValueError:  # cut by max_tokens: hand back what there is
+            calls = [(c["name"], c.get("parameters", {})) for c in json.loads(self.text)]
+        except (ValueError, TypeError, KeyError):  # cut by max_tokens: hand back the text
             return [{"content": self.text}] if self.text else []
-        out: list[dict] = []
-        for call in calls:
-            out += self.call(call["name"], call.get("parameters", {}))
-        return out
+        return [d for name, arguments in calls for d in self.call(name, arguments)]
 
 
 def fold(deltas: list[dict]) -> dict:

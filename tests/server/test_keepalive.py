@@ -14,8 +14,9 @@ import time
 
 import httpx2
 import openai
+import pytest
 from fake_engine import FakeEngine
-from live_server import free_port, serve_in_thread
+from live_server import free_port, live_server, serve_in_thread
 
 from mlxkv.config import ServerConfig
 from server.app import create_app
@@ -61,3 +62,27 @@ def test_streams_over_reused_connections_at_the_idle_expiry_all_complete():
                     except openai.APIConnectionError as exc:
                         errors.append(repr(exc.__cause__))
     assert not errors, errors
+
+
+class _RaisingEngine(FakeEngine):
+    """Streams one delta, then its stream raises (an engine fault after the headers)."""
+
+    async def generate(self, request_id, prompt_token_ids, params):
+        from mlxkv.outputs import RequestOutput
+
+        yield RequestOutput(request_id, 0, [100], "t100 ", num_prompt_tokens=3,
+                            num_generated_tokens=1)
+        raise RuntimeError("engine fault")
+
+
+def test_a_stream_that_fails_after_the_headers_still_ends_cleanly():
+    with live_server(create_app(_RaisingEngine(), ServerConfig())) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        stream = client.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "hi"}], stream=True)
+        with pytest.raises(openai.APIError, match="engine fault"):
+            list(stream)
+        raw = httpx2.post(url + "/v1/chat/completions", json={
+            "model": "fake-model", "messages": [{"role": "user", "content": "hi"}],
+            "stream": True}).text
+    assert '"RuntimeError: engine fault"' in raw and raw.endswith("data: [DONE]\n\n")
