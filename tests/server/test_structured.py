@@ -217,33 +217,34 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "additionalProperties": False}}}
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_forced_tool_choice_makes_a_random_model_call_validly(served, stream):
-    named = {"type": "function", "function": {"name": "get_weather"}}
-    for tool_choice in (named, "required"):
-        resp = served.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "Weather?"}],
-            tools=[WEATHER, TIME], tool_choice=tool_choice, max_tokens=120, temperature=1.0,
-            seed=11, stream=stream)
-        calls: dict[int, dict] = {}
-        if stream:
-            finish = None
-            for chunk in resp:
-                if not chunk.choices:
-                    continue
-                finish = chunk.choices[0].finish_reason or finish
-                for tc in chunk.choices[0].delta.tool_calls or []:
-                    entry = calls.setdefault(tc.index, {"name": None, "arguments": ""})
-                    entry["name"] = entry["name"] or tc.function.name
-                    entry["arguments"] += tc.function.arguments or ""
-        else:
-            finish = resp.choices[0].finish_reason
-            calls = {i: {"name": tc.function.name, "arguments": tc.function.arguments}
-                     for i, tc in enumerate(resp.choices[0].message.tool_calls)}
-        assert calls and finish == "tool_calls"
-        tools = {"get_weather": WEATHER, "get_time": TIME}
-        for call in calls.values():
-            schema = tools[call["name"]]["function"]["parameters"]
-            jsonschema.validate(json.loads(call["arguments"]), schema)
-        if tool_choice == named:
-            assert [c["name"] for c in calls.values()] == ["get_weather"]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.mark.parametrize(("tool_choice", "stream"), [(NAMED, True), ("required", False)])
+def test_forced_tool_choice_makes_a_random_model_call_validly(served, tool_choice, stream):
+    resp = served.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Weather?"}],
+        tools=[WEATHER, TIME], tool_choice=tool_choice, max_tokens=120, temperature=1.0,
+        seed=11, stream=stream)
+    calls: dict[int, dict] = {}
+    if stream:
+        finish = None
+        for chunk in resp:
+            if not chunk.choices:
+                continue
+            finish = chunk.choices[0].finish_reason or finish
+            for tc in chunk.choices[0].delta.tool_calls or []:
+                entry = calls.setdefault(tc.index, {"name": None, "arguments": ""})
+                entry["name"] = entry["name"] or tc.function.name
+                entry["arguments"] += tc.function.arguments or ""
+    else:
+        finish = resp.choices[0].finish_reason
+        calls = {i: {"name": tc.function.name, "arguments": tc.function.arguments}
+                 for i, tc in enumerate(resp.choices[0].message.tool_calls)}
+    assert calls and finish == "tool_calls"
+    tools = {"get_weather": WEATHER, "get_time": TIME}
+    for call in calls.values():
+        schema = tools[call["name"]]["function"]["parameters"]
+        jsonschema.validate(json.loads(call["arguments"]), schema)
+    if tool_choice == NAMED:
+        assert [c["name"] for c in calls.values()] == ["get_weather"]
