@@ -9,6 +9,7 @@ aborts the request and frees its blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import uuid
@@ -146,10 +147,12 @@ def create_app(engine: EngineClient, config: ServerConfig | None = None) -> Fast
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
     async def chat_completions(body: ChatCompletionRequest):
         _check_model(engine, body.model)
-        schema, make_parser = plan_output(body.tools, body.tool_choice, body.response_format,
-                                          engine.tokenizer)
-        params = body.to_sampling_params(config, schema)
-        return await _generate("chat", [_chat_prompt(engine, body)], body, params, make_parser)
+        plan = plan_output(body.tools, body.tool_choice, body.response_format, engine.tokenizer)
+        params = body.to_sampling_params(config, plan.json_schema)
+        if not plan.skip_special_tokens:
+            params = dataclasses.replace(params, skip_special_tokens=False)
+        return await _generate("chat", [_chat_prompt(engine, body)], body, params,
+                               plan.make_parser)
 
     @app.post("/v1/completions", dependencies=[Depends(require_key)])
     async def completions(body: CompletionRequest):

@@ -1,7 +1,8 @@
 """What a chat request's `tools`, `tool_choice` and `response_format` ask of the engine.
 
-`plan_output` returns the JSON schema the output must follow (None: unconstrained) and the
-factory of the per-choice parser (server/tool_calls.py). OpenAI's rules: "none" never calls
+`plan_output` returns an OutputPlan: the JSON schema the output must follow (None:
+unconstrained), the factory of the per-choice parser (server/tool_calls.py) and whether
+special tokens stay in the text. OpenAI's rules: "none" never calls
 (the tools are not even shown to the template), "auto" (the default with tools) lets the
 model choose and parses its family's markers, "required" and a named function force a call
 through the structured-output engine. Invalid combinations raise InvalidRequestError.
@@ -13,7 +14,7 @@ import functools
 import importlib
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from mlxkv.errors import InvalidRequestError
 from server.tool_calls import ForcedFunction, ForcedRequired, PlainText, TaggedToolCalls
@@ -90,29 +91,43 @@ def response_format_schema(response_format: Any) -> dict | None:
                               "'json_schema'", "response_format")
 
 
+class OutputPlan(NamedTuple):
+    """How to generate and read one chat request's output."""
+
+    json_schema: str | None  # constrain the output to this schema (None: unconstrained)
+    make_parser: Callable[[], Any]  # one parser per choice (server/tool_calls.py)
+    # Tool-call markers are often special tokens (Mistral's [TOOL_CALLS], Gemma's
+    # <|tool_call>): the text must keep them for the family parser to see them.
+    skip_special_tokens: bool = True
+
+
 def plan_output(tools: list | None, tool_choice: Any, response_format: Any,
-                tokenizer) -> tuple[str | None, Callable[[], Any]]:
-    """(JSON schema text for the output or None, factory of one choice's parser)."""
+                tokenizer) -> OutputPlan:
+    """What `tools`, `tool_choice` and `response_format` ask for (see the module docstring).
+
+    Raises:
+        InvalidRequestError: a malformed tool, tool_choice or response_format.
+    """
     schema = response_format_schema(response_format)
     functions = [_function(t, i) for i, t in enumerate(tools or [])]
     if tool_choice is not None and not functions:
         raise InvalidRequestError("tool_choice needs tools", "tool_choice")
     if not functions or tool_choice == "none":
-        return dump_schema(schema), PlainText
+        return OutputPlan(dump_schema(schema), PlainText)
     if tool_choice == "required":
-        return dump_schema(required_schema(functions)), ForcedRequired
+        return OutputPlan(dump_schema(required_schema(functions)), ForcedRequired)
     if tool_choice in (None, "auto"):
         family = family_parser(tokenizer)
         if family is None or schema is not None:
-            return dump_schema(schema), PlainText
-        return None, functools.partial(TaggedToolCalls, *family, tools)
+            return OutputPlan(dump_schema(schema), PlainText)
+        return OutputPlan(None, functools.partial(TaggedToolCalls, *family, tools), False)
     name = _named(tool_choice)
     match = [fn for fn in functions if fn["name"] == name]
     if not match:
         raise InvalidRequestError(f"tool_choice names {name!r}, which is not in tools",
                                   "tool_choice")
-    return dump_schema(match[0].get("parameters", ANY_OBJECT)), functools.partial(ForcedFunction,
-                                                                           name)
+    return OutputPlan(dump_schema(match[0].get("parameters", ANY_OBJECT)),
+                      functools.partial(ForcedFunction, name))
 
 
 def dump_schema(schema: dict | None) -> str | None:

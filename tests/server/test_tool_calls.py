@@ -104,6 +104,7 @@ def test_family_tool_calls_non_streamed_and_streamed(served, family):
     assert call.type == "function" and call.id.startswith("call_")
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == ARGS
     assert engine.tokenizer.last_tools == TOOLS
+    assert engine.last_params.skip_special_tokens is False  # markers are often special tokens
 
     stream = client_.chat.completions.create(model="fake-model", messages=CHAT["messages"],
                                              tools=TOOLS, stream=True)
@@ -133,6 +134,7 @@ async def test_text_without_markers_and_tool_choice_none_stay_content():
     assert body["message"]["content"] == SAMPLES["json_tools"] and body["finish_reason"] == "stop"
     assert engine.tokenizer.last_tools is None  # "none": the template does not see the tools
     assert engine.last_params.json_schema is None
+    assert engine.last_params.skip_special_tokens is True
 
 
 @pytest.mark.anyio
