@@ -36,6 +36,7 @@ from mlxkv.runner import ModelRunner
 from mlxkv.samplers import SampleRow, sample
 from mlxkv.sampling import SamplingParams
 from mlxkv.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from mlxkv.structured import StructuredOutputs
 
 
 class LLMEngine:
@@ -55,7 +56,8 @@ class LLMEngine:
             selfcheck=config.kernel_selfcheck)
         self.runner = ModelRunner(model, store, decode_op)
         self.scheduler = Scheduler(config.scheduler, cache)
-        self.processor = OutputProcessor(self.scheduler, cache, tokenizer)
+        self.structured = StructuredOutputs(tokenizer)  # JSON-schema masks (json_schema rows)
+        self.processor = OutputProcessor(self.scheduler, cache, tokenizer, self.structured)
         self.eos_token_ids = self.processor.eos_token_ids
         self.stats = self.processor.stats
         self.ttft = self.processor.ttft
@@ -92,6 +94,7 @@ class LLMEngine:
                 f"most {self.max_model_len} tokens per sequence, including at least one generated",
                 param="messages",
             )
+        self.structured.validate(params.json_schema)
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
                     params: SamplingParams) -> None:
@@ -142,9 +145,11 @@ class LLMEngine:
         return outputs + self.processor.update(current)
 
     def _needs_host_values(self) -> bool:
-        """Whether a running request samples from its token values (so cannot overlap)."""
+        """Whether a running request samples from its token values (so cannot overlap):
+        penalties, or a grammar whose mask needs the previous token."""
         return any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty
-                   or r.params.frequency_penalty for r in self.scheduler.running)
+                   or r.params.frequency_penalty or r.params.json_schema is not None
+                   for r in self.scheduler.running)
 
     def _launch(self, prev: StepResult | None) -> StepResult | None:
         """Schedule and execute one step (lazy: evaluation runs in the background). `prev`:
@@ -188,7 +193,9 @@ class LLMEngine:
         if self.logits_sink is not None:
             self.logits_sink([req.request_id if not i else f"{req.request_id}#{i}"
                               for req, i in step.rows], logits)
-        tokens, logprobs = sample(logits, [self._sample_row(req, i) for req, i in step.rows])
+        requests = [req for req, _ in step.rows]  # a fork row masks as its parent (no tokens yet)
+        tokens, logprobs = sample(logits, [self._sample_row(req, i) for req, i in step.rows],
+                                  lambda x: self.structured.apply(x, requests))
         step.token_ids = tokens
         step.row_of = {req.request_id: row for row, (req, i) in enumerate(step.rows) if not i}
         arrays = [tokens]

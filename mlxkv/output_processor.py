@@ -25,6 +25,7 @@ from mlxkv.detokenizer import Detokenizer
 from mlxkv.outputs import RequestOutput, TokenLogprob
 from mlxkv.request import Request, RequestStatus
 from mlxkv.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from mlxkv.structured import StructuredOutputs
 
 _FINISH = {
     RequestStatus.FINISHED_STOPPED: "stop",
@@ -73,8 +74,10 @@ def eos_token_ids(tokenizer) -> set[int]:
 class OutputProcessor:
     """Turns finished steps into request state and RequestOutput deltas."""
 
-    def __init__(self, scheduler: Scheduler, cache: KVCacheManager, tokenizer):
+    def __init__(self, scheduler: Scheduler, cache: KVCacheManager, tokenizer,
+                 structured: StructuredOutputs | None = None):
         self.scheduler = scheduler
+        self.structured = structured  # grammar state of constrained requests (advanced here)
         self.cache = cache
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids(tokenizer)
@@ -179,6 +182,8 @@ class OutputProcessor:
             self.itl.append(now - req.last_token_time)
         req.last_token_time = now
         req.append_output_token(token)
+        if self.structured is not None:
+            self.structured.advance(req, token)
         self.stats["generation_tokens"] += 1
         logprobs = self._logprob(req, token, lp)
         status = self._check_stop(req, token)
@@ -235,6 +240,8 @@ class OutputProcessor:
         self.scheduler.finish(req, status)
         self.stats["cached_tokens"] += max(0, req.num_cached_tokens)
         self.detokenizers.pop(req.request_id, None)
+        if self.structured is not None:
+            self.structured.release(req.request_id)
         if emit:
             self._pending.append(self._output(req, [], ""))
 

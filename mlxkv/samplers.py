@@ -8,7 +8,7 @@ convention of mlx-lm and the OpenAI API.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -75,14 +75,20 @@ def _sample_row(logits: mx.array, row: SampleRow) -> mx.array:
     return mx.random.categorical(filter_logits(logits, p), key=key)
 
 
-def sample(logits: mx.array, rows: Sequence[SampleRow]):
+def sample(logits: mx.array, rows: Sequence[SampleRow],
+           process: Callable[[mx.array], mx.array] | None = None):
     """Sample one token per row.
 
     Args:
         logits: fp32 [S, V], row i for rows[i].
+        process: a logits processor applied before sampling (structured-output masks);
+            logprobs stay those of the raw `logits`.
     Returns:
         (token_ids [S] int32, logprobs [S, V] or None when no row asks for logprobs).
     """
+    raw = logits
+    if process is not None:
+        logits = process(logits)
     plain = all(r.params.is_greedy and r.params.repetition_penalty == 1.0
                 and not r.params.presence_penalty and not r.params.frequency_penalty
                 for r in rows)
@@ -93,5 +99,5 @@ def sample(logits: mx.array, rows: Sequence[SampleRow]):
         tokens = tokens.astype(mx.int32)
     logprobs = None
     if any(r.params.logprobs is not None for r in rows):
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = raw - mx.logsumexp(raw, axis=-1, keepdims=True)
     return tokens, logprobs

@@ -23,7 +23,9 @@ class SamplingParams:
     Guarantees: a constructed instance is valid; `temperature == 0` means greedy;
     `top_k == 0` and `top_p == 1` and `min_p == 0` disable those filters; `logprobs`
     None means no logprobs, k >= 0 means the chosen token's logprob plus k alternatives;
-    `max_tokens` None means "until the context is full".
+    `max_tokens` None means "until the context is full"; `json_schema` None means
+    unconstrained, else every generated token keeps the output a prefix of a JSON document
+    matching that schema (mlxkv.structured; the schema is checked when the request is added).
     """
 
     max_tokens: int | None = 16
@@ -42,6 +44,7 @@ class SamplingParams:
     n: int = 1
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    json_schema: str | None = None  # JSON Schema text the output must match (mlxkv.structured)
 
     def __post_init__(self) -> None:
         _require(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1")

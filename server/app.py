@@ -9,6 +9,7 @@ aborts the request and frees its blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import uuid
@@ -20,11 +21,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from mlxkv.config import ServerConfig
 from mlxkv.errors import InvalidRequestError, ModelNotFoundError
 from server import metrics as prom
+from server.batch import open_stream
 from server.engine_client import EngineClient
 from server.errors import install_error_handlers
 from server.middleware import BodyLimitMiddleware, StatusCountMiddleware
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.streaming import SSEResponse, collect, stream_chunks
+from server.tool_calls import PlainText
+from server.tool_choice import dump_schema, plan_output, response_format_schema, template_tool_call
 
 log = logging.getLogger("mlxkv.server")
 
@@ -34,15 +38,20 @@ def _check_model(engine: EngineClient, name: str) -> None:
         raise ModelNotFoundError(f"model {name!r} is not served here (serving {engine.model_name!r})")
 
 
+def _template_message(i: int, m) -> dict:
+    m.check_content(i)
+    msg = {"role": m.role, "content": m.text()}
+    for key in ("name", "tool_call_id"):
+        if getattr(m, key) is not None:
+            msg[key] = getattr(m, key)
+    if m.tool_calls is not None:
+        msg["tool_calls"] = [template_tool_call(tc) for tc in m.tool_calls]
+    return msg
+
+
 def _chat_prompt(engine: EngineClient, req: ChatCompletionRequest) -> list[int]:
-    messages = []
-    for m in req.messages:
-        msg = {"role": m.role, "content": m.text()}
-        for key in ("name", "tool_calls", "tool_call_id"):
-            if getattr(m, key) is not None:
-                msg[key] = getattr(m, key)
-        messages.append(msg)
-    kwargs = {"tools": req.tools} if req.tools else {}
+    messages = [_template_message(i, m) for i, m in enumerate(req.messages)]
+    kwargs = {"tools": req.tools} if req.tools and req.tool_choice != "none" else {}
     try:
         ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
     except Exception as exc:  # no template, or the template rejects the conversation
@@ -54,18 +63,20 @@ def _chat_prompt(engine: EngineClient, req: ChatCompletionRequest) -> list[int]:
     return [int(t) for t in ids]
 
 
-def _completion_prompt(engine: EngineClient, req: CompletionRequest) -> list[int]:
+def _completion_prompts(engine: EngineClient, req: CompletionRequest) -> list[list[int]]:
+    """Every prompt of the request as token ids (a batch: several strings or id lists)."""
     prompt = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        if len(prompt) != 1:
-            raise InvalidRequestError("send one prompt per request (batched prompts are not "
-                                      "supported)", "prompt")
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty", "prompt")
-        return list(engine.tokenizer.encode(prompt))
-    return list(prompt)
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise InvalidRequestError("the prompt is empty", "prompt")
+    out = []
+    for i, p in enumerate(prompt):
+        ids = list(engine.tokenizer.encode(p)) if isinstance(p, str) else list(p)
+        if not ids:
+            raise InvalidRequestError(f"prompt[{i}] is empty", "prompt")
+        out.append(ids)
+    return out
 
 
 def _check_length(engine: EngineClient, ids: list[int], max_tokens: int | None) -> None:
@@ -132,32 +143,41 @@ def create_app(engine: EngineClient, config: ServerConfig | None = None) -> Fast
     async def cache_stats():
         return engine.cache_stats()
 
-    async def _generate(request: Request, kind: str, ids: list[int], body, params):
+    async def _generate(kind: str, prompts: list[list[int]], body, params,
+                        make_parser=PlainText):
         request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        _check_length(engine, ids, params.max_tokens)
-        if config.log_prompts:
-            log.info("%s prompt: %r", request_id, engine.tokenizer.decode(ids))
-        log.info("%s: %d prompt tokens, n=%d, max_tokens=%s", request_id, len(ids), params.n,
-                 params.max_tokens)
-        stream = engine.generate(request_id, ids, params).__aiter__()
-        first = await stream.__anext__()  # engine refusals raise here, before any byte is sent
+        for ids in prompts:
+            _check_length(engine, ids, params.max_tokens)
+            if config.log_prompts:
+                log.info("%s prompt: %r", request_id, engine.tokenizer.decode(ids))
+        log.info("%s: %s prompt tokens, n=%d, max_tokens=%s%s", request_id,
+                 "+".join(str(len(ids)) for ids in prompts), params.n, params.max_tokens,
+                 ", json-constrained" if params.json_schema else "")
+        # engine refusals raise here, before any byte is sent
+        first, stream = await open_stream(engine, request_id, prompts, params)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
             chunks = stream_chunks(engine, kind, request_id, first, stream, params.n,
-                                   include_usage)
+                                   include_usage, len(prompts), make_parser)
             return SSEResponse(chunks, stream)
-        return await collect(engine, kind, request_id, first, stream, params.n)
+        return await collect(engine, kind, request_id, first, stream, params.n, len(prompts),
+                             make_parser)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(body: ChatCompletionRequest):
         _check_model(engine, body.model)
-        params = body.to_sampling_params(config)
-        return await _generate(request, "chat", _chat_prompt(engine, body), body, params)
+        plan = plan_output(body.tools, body.tool_choice, body.response_format, engine.tokenizer)
+        params = body.to_sampling_params(config, plan.json_schema)
+        if not plan.skip_special_tokens:
+            params = dataclasses.replace(params, skip_special_tokens=False)
+        return await _generate("chat", [_chat_prompt(engine, body)], body, params,
+                               plan.make_parser)
 
     @app.post("/v1/completions", dependencies=[Depends(require_key)])
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(body: CompletionRequest):
         _check_model(engine, body.model)
-        params = body.to_sampling_params(config)
-        return await _generate(request, "text", _completion_prompt(engine, body), body, params)
+        params = body.to_sampling_params(config, dump_schema(response_format_schema(
+            body.response_format)))
+        return await _generate("text", _completion_prompts(engine, body), body, params)
 
     return app

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mlxkv.config import ServerConfig
 from mlxkv.errors import InvalidRequestError
 from mlxkv.sampling import SamplingParams
+from mlxkv.structured import check_json_schema
 
 
 class StreamOptions(BaseModel):
@@ -27,6 +28,16 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+
+    def check_content(self, i: int) -> None:
+        """Raise InvalidRequestError when a message that needs `content` has none.
+
+        Only an assistant message carrying `tool_calls` may omit it (OpenAI's rule).
+        """
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise InvalidRequestError(
+                f"messages[{i}].content is required for a {self.role!r} message",
+                f"messages.{i}.content")
 
     def text(self) -> str:
         """Content as plain text (text parts of a multi-part content are joined)."""
@@ -60,6 +71,7 @@ class _Sampling(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     user: str | None = None
+    response_format: dict[str, Any] | None = None
 
     def _stop_list(self, limits: ServerConfig) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -69,7 +81,8 @@ class _Sampling(BaseModel):
             raise InvalidRequestError("stop sequences must be non-empty", "stop")
         return tuple(stop)
 
-    def _common(self, limits: ServerConfig, max_tokens: int | None, logprobs: int | None):
+    def _common(self, limits: ServerConfig, max_tokens: int | None, logprobs: int | None,
+                json_schema: str | None):
         if max_tokens is not None and not 1 <= max_tokens <= limits.max_tokens_limit:
             raise InvalidRequestError(
                 f"max_tokens must be in [1, {limits.max_tokens_limit}]", "max_tokens")
@@ -77,6 +90,9 @@ class _Sampling(BaseModel):
             raise InvalidRequestError(f"n must be in [1, {limits.max_n}]", "n")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidRequestError("seed must be in [0, 2^63)", "seed")
+        if json_schema is not None:
+            check_json_schema(json_schema, "tool_choice" if getattr(
+                self, "tool_choice", None) not in (None, "auto", "none") else "response_format")
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -91,6 +107,7 @@ class _Sampling(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             n=self.n,
+            json_schema=json_schema,
         )
 
 
@@ -102,21 +119,25 @@ class ChatCompletionRequest(_Sampling):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
 
-    def to_sampling_params(self, limits: ServerConfig) -> SamplingParams:
+    def to_sampling_params(self, limits: ServerConfig,
+                           json_schema: str | None = None) -> SamplingParams:
+        """SamplingParams for this request; `json_schema` (text) constrains the output."""
         max_tokens = self.max_completion_tokens or self.max_tokens
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
             raise InvalidRequestError("top_logprobs must be in [0, 20]", "top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._common(limits, max_tokens, logprobs)
+        return self._common(limits, max_tokens, logprobs, json_schema)
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
 
-    def to_sampling_params(self, limits: ServerConfig) -> SamplingParams:
+    def to_sampling_params(self, limits: ServerConfig,
+                           json_schema: str | None = None) -> SamplingParams:
+        """SamplingParams for this request; `json_schema` (text) constrains the output."""
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidRequestError("logprobs must be in [0, 20]", "logprobs")
-        return self._common(limits, self.max_tokens, self.logprobs)
+        return self._common(limits, self.max_tokens, self.logprobs, json_schema)

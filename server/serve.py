@@ -12,6 +12,14 @@ from mlxkv.errors import MlxkvError
 
 log = logging.getLogger("mlxkv.server")
 
+# NOTE: idle keep-alive connections must outlive the clients' own expiry. uvicorn's default
+# (5 s) equals httpx's (the openai client's) keepalive_expiry, so a client reusing a
+# connection idle for ~5 s raced the server closing it: the request met a reset socket and
+# the client raised APIConnectionError (benchmarks/stream_loop.py reproduces it). With the
+# server's timeout well above common client expiries (httpx 5 s, aiohttp 15 s, nginx 75 s,
+# Go 90 s) the client always drops an idle connection first.
+KEEP_ALIVE_S = 120.0
+
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     """Engine flags plus the HTTP ones."""
@@ -45,6 +53,14 @@ def check_bind(host: str, allow_remote: bool, api_key: str | None) -> None:
         log.warning("serving on %s without --api-key: anyone on the network can use it", host)
 
 
+def uvicorn_config(app, host: str, port: int, keep_alive_s: float = KEEP_ALIVE_S):
+    """The uvicorn.Config `serve` runs `app` with."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning",
+                          timeout_keep_alive=keep_alive_s)
+
+
 def serve(config: EngineConfig, allow_remote: bool = False) -> None:
     """Start the engine and serve until interrupted."""
     import uvicorn
@@ -59,7 +75,7 @@ def serve(config: EngineConfig, allow_remote: bool = False) -> None:
     log.info("serving %s on http://%s:%d", engine.model_name, config.server.host,
              config.server.port)
     try:
-        uvicorn.run(app, host=config.server.host, port=config.server.port, log_level="warning")
+        uvicorn.Server(uvicorn_config(app, config.server.host, config.server.port)).run()
     finally:
         engine.shutdown()
 

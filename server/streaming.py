@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import anyio
 from starlette.responses import StreamingResponse
 
+from mlxkv.errors import GenerationError
 from mlxkv.outputs import RequestOutput
 from server.responses import (
     ChoiceState,
@@ -16,6 +18,9 @@ from server.responses import (
     sse,
     usage,
 )
+from server.tool_calls import PlainText, finish_reason, fold
+
+log = logging.getLogger("mlxkv.server")
 
 
 def _finish(out: RequestOutput) -> str | None:
@@ -24,85 +29,128 @@ def _finish(out: RequestOutput) -> str | None:
     return "stop" if out.finish_reason in ("abort", None) else out.finish_reason
 
 
-def _chunk(engine, kind: str, request_id: str, out: RequestOutput, offsets: dict) -> dict:
-    tok = engine.tokenizer
-    if kind == "chat":
-        delta = {"content": out.new_text} if out.new_text else {}
-        choice = {"index": out.index, "delta": delta,
-                  "logprobs": chat_logprobs(tok, out.logprobs), "finish_reason": _finish(out)}
-        return envelope("chat.completion.chunk", request_id, engine.model_name, [choice])
-    lp = completion_logprobs(tok, out.logprobs, offsets.get(out.index, 0))
+class _Usage:
+    """Prompt tokens count once per prompt (forks share them), completions per choice."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.prompts: dict[int, tuple[int, int]] = {}
+        self.generated: dict[int, int] = {}
+
+    def add(self, out: RequestOutput) -> None:
+        self.prompts[out.index // self.n] = (out.num_prompt_tokens, out.num_cached_tokens)
+        self.generated[out.index] = out.num_generated_tokens
+
+    def body(self) -> dict:
+        return usage(sum(p for p, _ in self.prompts.values()), sum(self.generated.values()),
+                     sum(c for _, c in self.prompts.values()))
+
+
+def _chat_chunks(engine, request_id: str, out: RequestOutput, parser) -> list[dict]:
+    deltas = parser.feed(out.new_text)
+    finish = _finish(out)
+    if out.finished:
+        deltas += parser.close()
+        finish = finish_reason(parser, finish)
+    lp = chat_logprobs(engine.tokenizer, out.logprobs)
+    if not deltas and (finish or lp):
+        deltas = [{}]
+    chunks = []
+    for k, delta in enumerate(deltas):
+        last = k == len(deltas) - 1
+        choice = {"index": out.index, "delta": delta, "logprobs": lp if k == 0 else None,
+                  "finish_reason": finish if last else None}
+        chunks.append(envelope("chat.completion.chunk", request_id, engine.model_name, [choice]))
+    return chunks
+
+
+def _text_chunk(engine, request_id: str, out: RequestOutput, offsets: dict) -> dict:
+    lp = completion_logprobs(engine.tokenizer, out.logprobs, offsets.get(out.index, 0))
     offsets[out.index] = offsets.get(out.index, 0) + len(out.new_text)
     choice = {"index": out.index, "text": out.new_text, "logprobs": lp,
               "finish_reason": _finish(out)}
     return envelope("text_completion", request_id, engine.model_name, [choice])
 
 
+def _error_event(message: str) -> str:
+    return sse({"error": {"message": message, "type": "server_error", "param": None,
+                          "code": "generation_failed"}})
+
+
 async def stream_chunks(engine, kind: str, request_id: str, first: RequestOutput,
-                        stream: AsyncIterator[RequestOutput], n: int, include_usage: bool):
-    """SSE body. Closing it (client gone) closes the engine stream, which aborts the request."""
+                        stream: AsyncIterator[RequestOutput], n: int, include_usage: bool,
+                        num_prompts: int = 1, make_parser=PlainText):
+    """SSE body. Closing it (client gone) closes the engine stream, which aborts the request.
+
+    `n` is forks per prompt; choice i of prompt p has index p * n + i. `make_parser` builds
+    one chat parser per choice (content and tool calls).
+    """
     offsets: dict[int, int] = {}
-    generated: dict[int, int] = {}
-    prompt = cached = 0
+    parsers: dict[int, object] = {}
+    counts = _Usage(n)
     try:
         if kind == "chat":
             role = [{"index": i, "delta": {"role": "assistant", "content": ""},
-                     "logprobs": None, "finish_reason": None} for i in range(n)]
+                     "logprobs": None, "finish_reason": None} for i in range(n * num_prompts)]
             yield sse(envelope("chat.completion.chunk", request_id, engine.model_name, role))
         out: RequestOutput | None = first
         while out is not None:
-            prompt, cached = out.num_prompt_tokens, out.num_cached_tokens
-            generated[out.index] = out.num_generated_tokens
+            counts.add(out)
             if out.error:
-                err = {"error": {"message": out.error, "type": "server_error", "param": None,
-                                 "code": "generation_failed"}}
-                yield sse(err)
-            if out.new_text or out.finished or out.logprobs:
-                yield sse(_chunk(engine, kind, request_id, out, offsets))
+                yield _error_event(out.error)
+            if kind == "chat":
+                parser = parsers.setdefault(out.index, make_parser())
+                for chunk in _chat_chunks(engine, request_id, out, parser):
+                    yield sse(chunk)
+            elif out.new_text or out.finished or out.logprobs:
+                yield sse(_text_chunk(engine, request_id, out, offsets))
             out = await anext(stream, None)
         if include_usage:
             body = envelope("chat.completion.chunk" if kind == "chat" else "text_completion",
-                            request_id, engine.model_name, [],
-                            usage(prompt, sum(generated.values()), cached))
+                            request_id, engine.model_name, [], counts.body())
             yield sse(body)
+        yield sse("[DONE]")
+    except Exception as exc:  # headers are sent: end the stream cleanly, never cut it
+        log.error("%s: stream failed: %s: %s", request_id, type(exc).__name__, exc)
+        yield _error_event(f"{type(exc).__name__}: {exc}")
         yield sse("[DONE]")
     finally:
         await stream.aclose()
 
 
 async def collect(engine, kind: str, request_id: str, first: RequestOutput,
-                  stream: AsyncIterator[RequestOutput], n: int) -> dict:
-    """The non-streamed response: every fork to completion."""
-    choices = {i: ChoiceState(i) for i in range(n)}
+                  stream: AsyncIterator[RequestOutput], n: int, num_prompts: int = 1,
+                  make_parser=PlainText) -> dict:
+    """The non-streamed response: every choice (all prompts, all forks) to completion."""
+    choices = {i: ChoiceState(i) for i in range(n * num_prompts)}
+    counts = _Usage(n)
     out: RequestOutput | None = first
-    prompt = cached = 0
     try:
         while out is not None:
             choices[out.index].add(out)
-            prompt, cached = out.num_prompt_tokens, out.num_cached_tokens
+            counts.add(out)
             out = await anext(stream, None)
     finally:
         await stream.aclose()
     failed = [c.error for c in choices.values() if c.finish_reason == "error"]
-    if failed and len(failed) == n:
-        from mlxkv.errors import GenerationError
-
+    if failed and len(failed) == len(choices):
         raise GenerationError(f"generation failed: {failed[0]}")
     body_choices = []
     for c in choices.values():
         if kind == "chat":
+            parser = make_parser()
+            message = fold(parser.feed(c.text) + parser.close())
             body_choices.append({
-                "index": c.index, "message": {"role": "assistant", "content": c.text},
+                "index": c.index, "message": message,
                 "logprobs": chat_logprobs(engine.tokenizer, c.logprobs) if c.has_logprobs
-                else None, "finish_reason": c.finish_reason})
+                else None, "finish_reason": finish_reason(parser, c.finish_reason)})
         else:
             body_choices.append({
                 "index": c.index, "text": c.text,
                 "logprobs": completion_logprobs(engine.tokenizer, c.logprobs, 0)
                 if c.has_logprobs else None, "finish_reason": c.finish_reason})
-    total = sum(c.num_generated for c in choices.values())
     return envelope("chat.completion" if kind == "chat" else "text_completion", request_id,
-                    engine.model_name, body_choices, usage(prompt, total, cached))
+                    engine.model_name, body_choices, counts.body())
 
 
 class SSEResponse(StreamingResponse):

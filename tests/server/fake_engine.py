@@ -1,6 +1,7 @@
 """FakeEngine: a deterministic EngineClient for protocol tests (no model, no mlx).
 
 Token i of a completion is `(sum(prompt) + 7 * i + index) % 50 + 100`; text is "t<id> ".
+With `script` set, every choice generates those text pieces instead (then finishes "stop").
 It tracks live requests so leak checks are real, and can be told to fail or overload.
 """
 
@@ -23,6 +24,7 @@ class FakeTokenizer:
         return "".join(f"t{i} " for i in ids)
 
     def apply_chat_template(self, messages, add_generation_prompt=True, tools=None, **kw):
+        self.last_messages, self.last_tools = messages, tools
         ids = [1]
         for m in messages:
             ids += [4] + self.encode(m["role"] + ":" + (m.get("content") or ""))
@@ -42,6 +44,8 @@ class FakeEngine:
         self.healthy = True
         self.fail_on: set[int] = set()  # step numbers at which a request errors
         self.num_requests = 0
+        self.script: list[str] | None = None  # the text pieces every choice generates
+        self.last_params = None
 
     def token(self, prompt, index: int, i: int) -> int:
         return (sum(prompt) + 7 * i + index) % 50 + 100
@@ -53,6 +57,12 @@ class FakeEngine:
             raise EngineOverloadedError("busy", retry_after_s=2)
         self.active.add(request_id)
         self.num_requests += 1
+        self.last_params = params
+        if self.script is not None:
+            async for out in self._scripted(request_id, prompt_token_ids, params):
+                yield out
+            self.active.discard(request_id)
+            return
         finished = 0
         try:
             steps = params.max_tokens or 8
@@ -78,6 +88,16 @@ class FakeEngine:
             self.active.discard(request_id)
             if finished < params.n:
                 self.aborted.append(request_id)
+
+    async def _scripted(self, request_id, prompt_token_ids, params):
+        for i, piece in enumerate(self.script):
+            for index in range(params.n):
+                await asyncio.sleep(self.delay)
+                last = i == len(self.script) - 1
+                yield RequestOutput(request_id, index, [100 + i], piece, None, finished=last,
+                                    finish_reason="stop" if last else None,
+                                    num_prompt_tokens=len(prompt_token_ids),
+                                    num_generated_tokens=i + 1)
 
     async def abort(self, request_id):
         self.active.discard(request_id)

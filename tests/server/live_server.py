@@ -17,10 +17,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server(app):
-    """Yield the base URL of `app` served by uvicorn until the block exits."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+def serve_in_thread(config: uvicorn.Config):
+    """Yield the base URL of a uvicorn server run from `config` until the block exits."""
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -29,7 +28,15 @@ def live_server(app):
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://{config.host}:{config.port}"
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def live_server(app, **uvicorn_kw):
+    """Yield the base URL of `app` served by uvicorn (loopback, free port) until the block
+    exits."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="error",
+                            **uvicorn_kw)
+    return serve_in_thread(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import time
 
 import httpx
@@ -113,3 +114,19 @@ def test_concurrent_clients_get_independent_correct_results(served):
     for q, got in zip(questions, answers, strict=True):
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
         assert got == reference(loaded, messages, 12)
+
+
+def test_json_object_and_schema_on_smollm2(served):
+    client = served[0]
+    resp = chat(client, "Describe a cat as a JSON object.", max_tokens=80,
+                response_format={"type": "json_object"})
+    assert isinstance(json.loads(resp.choices[0].message.content), dict)
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "population": {"type": "integer", "minimum": 0}},
+              "required": ["city", "population"], "additionalProperties": False}
+    resp = chat(client, "The largest city in France, as JSON.", max_tokens=60, n=2,
+                temperature=0.8, response_format={"type": "json_schema", "json_schema": {
+                    "name": "city", "schema": schema, "strict": True}})
+    for choice in resp.choices:
+        value = json.loads(choice.message.content)
+        assert set(value) == {"city", "population"} and isinstance(value["population"], int)
