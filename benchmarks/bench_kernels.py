@@ -33,6 +33,7 @@ from mlxkv.kernels.paged_attention import paged_attention_kernel, paged_attentio
 from mlxkv.kernels.paged_attention_cpu import (  # noqa: E402
     is_cpu_kernel_available,
     paged_attention_cpu_kernel,
+    paged_attention_quant_cpu_kernel,
 )
 from mlxkv.kernels.paged_attention_quant import (  # noqa: E402
     paged_attention_quant_kernel,
@@ -105,6 +106,10 @@ def bench_attention(batch, context, args, metal: bool) -> list[dict]:
         rows.append({"op": f"paged_attention_quant_ref[{spec}]", "kv_bytes": q_bytes,
                      "ms": _median_ms(lambda q=qcase: paged_attention_quant_ref(**q),
                                       args.repeats)})
+        if is_cpu_kernel_available():
+            rows.append({"op": f"paged_attention_quant_cpu_kernel[{spec}]", "kv_bytes": q_bytes,
+                         "ms": _median_ms(lambda q=qcase: paged_attention_quant_cpu_kernel(**q),
+                                          args.repeats)})
         if metal:
             rows.append({"op": f"paged_attention_quant_kernel[{spec}]", "kv_bytes": q_bytes,
                          "ms": _median_ms(lambda q=qcase: paged_attention_quant_kernel(**q),
@@ -183,7 +188,7 @@ def _plot(path: Path, rows: list[dict], args) -> None:
             pts = [(r["context"], r["ms"]) for r in rows if r.get("batch") == batch
                    and r["op"] == op]
             series[f"{op} B={batch}"] = ([x for x, _ in pts], [y for _, y in pts])
-    plot(path, "Decode attention, one layer (CPU reference paths)", "context", "ms", series,
+    plot(path, "Decode attention, one layer (CPU)", "context", "ms", series,
          log=True)
 
 
