@@ -3,7 +3,7 @@
 Layer groups (mlxkv.kv_spec) each have a BlockPool, a PrefixIndex and one block table per
 request; all groups share the request's token count and chained block hashes. Slots are
 `block_id * block_size + offset`. A table is a persistent, growable numpy int32 array
-(`BlockTable`) that allocations append to, so a step reads tables and computes slots in
+(`mlxkv.block_table.BlockTable`) that allocations append to, so a step reads tables and computes slots in
 numpy, in time proportional to its new tokens (plus one copy of the table row).
 
 Invariants (docs/kv-store.md; asserted by `check_invariants`):
@@ -22,11 +22,12 @@ Invariants (docs/kv-store.md; asserted by `check_invariants`):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from mlxkv.block_table import BlockTable
 from mlxkv.blocks import NULL_BLOCK, BlockPool
 from mlxkv.kv_spec import KVGroupSpec
 from mlxkv.prefix import HashFn, PrefixIndex, chain_hashes, hash_block_tokens
@@ -42,65 +43,6 @@ class Allocation:
 
     new_block_ids: list[list[int]] = field(default_factory=list)
     cow_copies: list[list[tuple[int, int]]] = field(default_factory=list)
-
-
-class BlockTable:
-    """One request's block ids in one group: a growable int32 array (amortised O(1) append).
-
-    Behaves as a list of ints for the control plane; `view()` is the live numpy prefix.
-    """
-
-    __slots__ = ("_buf", "_len")
-
-    def __init__(self, block_ids: Iterable[int] = ()):
-        ids = np.asarray(list(block_ids), dtype=np.int32)
-        self._buf = np.zeros(max(16, 2 * len(ids)), dtype=np.int32)
-        self._buf[: len(ids)] = ids
-        self._len = len(ids)
-
-    def view(self) -> np.ndarray:
-        """The table as an int32 array (a view: valid until the table next changes)."""
-        return self._buf[: self._len]
-
-    def append(self, block_id: int) -> None:
-        if self._len == len(self._buf):
-            self._buf = np.concatenate([self._buf, np.zeros_like(self._buf)])
-        self._buf[self._len] = block_id
-        self._len += 1
-
-    def pop(self) -> int:
-        self._len -= 1
-        return int(self._buf[self._len])
-
-    def copy(self) -> BlockTable:
-        return BlockTable(self.view())
-
-    def tolist(self) -> list[int]:
-        return self.view().tolist()
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self.view()[index].tolist()
-        return int(self._buf[self._index(index)])
-
-    def __setitem__(self, index: int, block_id: int) -> None:
-        self._buf[self._index(index)] = block_id
-
-    def _index(self, index: int) -> int:
-        if index < 0:
-            index += self._len
-        if not 0 <= index < self._len:
-            raise IndexError(f"block table index {index} out of range ({self._len})")
-        return index
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.tolist())
-
-    def __reversed__(self) -> Iterator[int]:
-        return reversed(self.tolist())
 
 
 @dataclass(slots=True)
