@@ -200,7 +200,7 @@ def test_engine_installs_kernel_decode_when_metal_is_available(monkeypatch):
         monkeypatch.setenv("MLXKV_KERNEL_SELFCHECK", "0")  # no real Metal to check here
         cfg = replace(EngineConfig.from_env(), cache=cache)
         engine = LLMEngine.from_config(cfg, loaded=(model, None))
-        assert engine.runner.decode_op == (None if expected is None else engine.kernels.decode)
+        assert engine.runner.decode_op is (None if expected is None else engine.kernels)
         op = engine.kernels.backend.decode_op  # what the guard (selfcheck.py) calls
         if expected is None:
             assert op is None
