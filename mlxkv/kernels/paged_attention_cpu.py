@@ -26,6 +26,8 @@ from mlxkv.kv_store import KVStore
 
 log = logging.getLogger(__name__)
 SUPPORTED_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+_API = ("paged_decode_attention", "paged_decode_attention_packed",
+        "paged_prefill_attention_packed", "simd_level")
 
 
 @cache
@@ -33,6 +35,9 @@ def _load_ext() -> ModuleType | None:
     """mlxkv._ext after a tiny call matches the reference; None (warned once) otherwise."""
     try:
         ext = importlib.import_module("mlxkv._ext")
+        missing = [f for f in _API if not hasattr(ext, f)]
+        if missing:
+            raise RuntimeError(f"stale build without {', '.join(missing)}: rebuild it")
         q = mx.ones((1, 2, 4))
         pool = mx.arange(32, dtype=mx.float32).reshape(2, 2, 2, 4) / 32
         table, lens = mx.array([[1, 0]]), mx.array([3])

@@ -21,6 +21,17 @@ from oracles import ORACLES, codec_vs_decode_then_attend  # noqa: E402
 from mlxkv.models.tiny import make_tiny_model  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def reference_attention(monkeypatch):
+    """The mutants are planted in the pure-mx reference path (attention.py's masks and
+    gathers, codec decode). The compiled CPU primitive reads the pools itself and would
+    bypass them, so these engines run the reference path; the primitive has its own
+    planted-bug tests (tests/kernels/test_cpu_paged_attention.py)."""
+    import mlxkv.engine
+
+    monkeypatch.setattr(mlxkv.engine, "default_decode_op", lambda *args, **kwargs: None)
+
+
 def assert_killed(check) -> str:
     with pytest.raises(AssertionError) as info:
         check()
