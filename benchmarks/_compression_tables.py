@@ -13,6 +13,10 @@ def _src(d: dict, cmd: str, name: str) -> str:
 
 
 def table_quality(d: dict, name: str) -> list[str]:
+    if "by_ctx" not in d:  # a result from before per-window-length runs
+        d = {**d, "by_ctx": {str(d["settings"]["ctx"]): {"rows": [
+            {**r, "x_vs_fp16_at_ctx": r["x_vs_fp16"]} for r in d["rows"]]}},
+             "settings": {**d["settings"], "ctx": [d["settings"]["ctx"]]}}
     s = d["settings"]
     cmd = f"quality.py --model {d['model']} --ctx {' '.join(map(str, s['ctx']))} " \
           f"--windows {s['windows']}"
@@ -71,12 +75,17 @@ def table_projection(named: dict[str, dict], codecs: dict[str, list[str]]) -> li
 
 def table_capacity(d: dict) -> list[str]:
     s = d["settings"]
-    out = [_src(d, "capacity.py", "capacity"), "",
-           f"KV budget {s['budget_mib']} MiB, {s['seq_len']}-token sequences "
-           f"({s['equivalent']}):", "",
+    flags = "" if s.get("engine_run", True) else " --no-run"
+    cmd = f"capacity.py{flags} --budget-mib {s['budget_mib']:g} --seq-len {s['seq_len']}"
+    out = [_src(d, cmd, "capacity"), "",
+           f"KV budget {s['budget_mib']:g} MiB, {s['seq_len']}-token sequences:", "",
            "| codec | bytes/token | sequences admitted | x vs first | preemptions at N / N+1 |"
            " peak running | decode tok/s at N |", "|---|---:|---:|---:|---|---:|---:|"]
     for r in d["rows"]:
+        if "at_admitted" not in r:
+            out.append(f"| `{r['codec']}` | {r['bytes_per_token']} | {r['admitted']} | "
+                       f"{r['x_sequences_vs_first']:.2f}x | not run | - | - |")
+            continue
         a, b = r["at_admitted"], r["at_admitted_plus_one"]
         tok = f"{a['decode_tok_s']:.1f}" if a["decode_tok_s"] else "-"
         out.append(f"| `{r['codec']}` | {r['bytes_per_token']} | {r['admitted']} | "

@@ -62,7 +62,8 @@ def _run(engine: LLMEngine, num: int, seq_len: int, vocab: int, seed: int) -> di
             "wall_s": round(time.perf_counter() - t0, 1)}
 
 
-def measure(loaded, codec: str, budget: int, seq_len: int, seed: int = 0) -> dict:
+def measure(loaded, codec: str, budget: int, seq_len: int, seed: int = 0,
+            run: bool = True) -> dict:
     engine = _engine(loaded, codec, budget, max_batched=seq_len)
     groups = engine.store.groups
     bs = engine.store.block_size
@@ -74,11 +75,12 @@ def measure(loaded, codec: str, budget: int, seq_len: int, seed: int = 0) -> dic
     vocab = loaded.tokenizer.vocab_size
     row = {"codec": codec, "bytes_per_token": engine.store.bytes_per_token(),
            "pool_bytes": engine.store.nbytes, "admitted": admitted}
-    row["at_admitted"] = _run(engine, admitted, seq_len, vocab, seed)
-    engine = _engine(loaded, codec, budget, max_batched=seq_len)
-    row["at_admitted_plus_one"] = _run(engine, admitted + 1, seq_len, vocab, seed)
+    if run:
+        row["at_admitted"] = _run(engine, admitted, seq_len, vocab, seed)
+        engine = _engine(loaded, codec, budget, max_batched=seq_len)
+        row["at_admitted_plus_one"] = _run(engine, admitted + 1, seq_len, vocab, seed)
     print(f"{codec:>12}: {row['bytes_per_token']} B/token, admits {admitted}: "
-          f"{row['at_admitted']}, +1: {row['at_admitted_plus_one']}", flush=True)
+          f"{row.get('at_admitted')}, +1: {row.get('at_admitted_plus_one')}", flush=True)
     return row
 
 
@@ -90,6 +92,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--tag", default="")
     p.add_argument("--quick", action="store_true", help="32-token sequences in 2 MiB")
+    p.add_argument("--no-run", action="store_true",
+                   help="only the planner's admission count (no engine steps)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.quick:
@@ -97,18 +101,21 @@ def main(argv=None) -> dict:
     loaded = load_model(args.model)
     budget = int(args.budget_mib * 2**20)
     h = header(loaded.name, "float32", {"budget_mib": args.budget_mib, "seq_len": args.seq_len,
+                                        "engine_run": not args.no_run,
                                         "equivalent": f"{args.budget_mib * 2048 / args.seq_len:.0f}"
                                         " MiB at 2,048-token sequences", "prefix_caching": False})
     print_header(h)
-    rows = [measure(loaded, c, budget, args.seq_len) for c in args.codecs]
+    rows = [measure(loaded, c, budget, args.seq_len, run=not args.no_run) for c in args.codecs]
     base = rows[0]["admitted"]
     for r in rows:
         r["x_sequences_vs_first"] = r["admitted"] / base if base else None
     result = {**h, "rows": rows}
     write_json("capacity" + args.tag, result, args.out)
+    panels = {"sequences admitted": {r["codec"]: r["admitted"] for r in rows}}
+    if not args.no_run:
+        panels["decode tok/s"] = {r["codec"]: r["at_admitted"]["decode_tok_s"] or 0 for r in rows}
     bar_plot(Path(args.out) / f"capacity{args.tag}.png", f"Sequences in {args.budget_mib} MiB of KV",
-             {"sequences admitted": {r["codec"]: r["admitted"] for r in rows},
-              "decode tok/s": {r["codec"]: r["at_admitted"]["decode_tok_s"] or 0 for r in rows}})
+             panels)
     return result
 
 

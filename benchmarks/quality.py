@@ -276,7 +276,7 @@ def main(argv=None) -> dict:
         return merge(args.merge, name, args.out, _tag(name, args))
     ctxs = args.ctx or ([16] if args.quick else [1024, 2048])
     num = args.windows or (2 if args.quick else 8)
-    codecs = args.codecs or (["auto", "int8", "e8:k6v5", "lloyd:k4v3"] if args.quick
+    codecs = args.codecs or (["auto", "int8", "e8:k4v3"] if args.quick
                              else CODECS)
     if args.quick and not args.model:  # affine codecs need head_dim % 64 == 0
         from mlxkv.models.tiny import make_tiny_model
