@@ -16,16 +16,8 @@ from mlxkv.kv_store import KVStore
 from mlxkv.prefix import PrefixIndex
 
 
-def _reference_attention(mp):
-    """Engines built under the mutant run the pure-mx reference attention (where the
-    planted mask bugs live) instead of the compiled CPU primitive, which reads no mask and
-    has its own planted-bug tests (tests/kernels/test_cpu_paged_attention.py)."""
-    mp.setattr(attention, "default_decode_op", lambda *args, **kw: None)
-
-
 def mask_hides_previous_key(mp):
     """Causal mask off by one: each query misses the key just before it."""
-    _reference_attention(mp)
     orig = attention._mask
 
     def mask(q_pos, length, window):
@@ -36,7 +28,6 @@ def mask_hides_previous_key(mp):
 
 def mask_hides_own_key(mp):
     """Causal mask off by one the other way: `j < p` instead of `j <= p`."""
-    _reference_attention(mp)
     orig = attention._mask
 
     def mask(q_pos, length, window):
@@ -47,7 +38,6 @@ def mask_hides_own_key(mp):
 
 def window_one_too_wide(mp):
     """Sliding window off by one: a query also sees the key W positions back."""
-    _reference_attention(mp)
     orig = attention._mask
 
     def mask(q_pos, length, window):
@@ -160,7 +150,6 @@ def chunk_positions_shifted(mp):
 
 def compressed_scales_from_next_slot(mp):
     """Compressed pools: codes are read from their slot, scales from the next slot."""
-    _reference_attention(mp)  # the compiled primitive decodes pools in place, not here
     orig = KVStore.gather_blocks
 
     def gather_blocks(self, layer_id, block_ids):

@@ -27,9 +27,10 @@ def reference_attention(monkeypatch):
     gathers, codec decode). The compiled CPU primitive reads the pools itself and would
     bypass them, so these engines run the reference path; the primitive has its own
     planted-bug tests (tests/kernels/test_cpu_paged_attention.py)."""
-    import mlxkv.engine
+    import mlxkv.attention
 
-    monkeypatch.setattr(mlxkv.engine, "default_decode_op", lambda *args, **kwargs: None)
+    # detect_backend (mlxkv/kernels/selfcheck.py) asks attention.default_decode_op
+    monkeypatch.setattr(mlxkv.attention, "default_decode_op", lambda *args, **kwargs: None)
 
 
 def assert_killed(check) -> str:
