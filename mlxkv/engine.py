@@ -29,6 +29,8 @@ from mlxkv.runner import ModelRunner
 from mlxkv.samplers import SampleRow, sample
 from mlxkv.sampling import SamplingParams
 from mlxkv.scheduler import ScheduledSeq, Scheduler
+from mlxkv.spec_verify import DraftRows, accepted_tokens, verify
+from mlxkv.speculative import Speculator
 
 _FINISH = {
     RequestStatus.FINISHED_STOPPED: "stop",
@@ -59,6 +61,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             model, store, default_decode_op(config.attention, config.kernel_verbose))
         self.scheduler = Scheduler(config.scheduler, cache)
+        self.speculator = Speculator(config.speculative)
         self.eos_token_ids = _eos_ids(tokenizer)
         self._detok: dict[str, Detokenizer] = {}
         self._seeds = itertools.count(config.seed * 7919 + 1)
@@ -132,19 +135,20 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step and return every request's new delta."""
         outputs, self._pending = self._pending, []
+        self.speculator.propose(self.scheduler.running)
         out = self.scheduler.schedule()
         if not out.scheduled:
             return outputs
         self.stats["steps"] += 1
         try:
-            tokens, logprobs, rows = self._forward(out.scheduled)
+            tokens, logprobs, rows, spec = self._forward(out.scheduled)
         except Exception as exc:  # a failure in the batch fails its requests, not the engine
             for s in out.scheduled:
                 self._fail(s.request, f"{type(exc).__name__}: {exc}")
             return outputs + self._drain_pending()
         now = time.monotonic()
-        for s in out.scheduled:
-            s.request.num_computed_tokens += s.num_new_tokens
+        for s in out.scheduled:  # drafts are not computed tokens until accepted
+            s.request.num_computed_tokens += s.num_new_tokens - s.num_draft_tokens
             self.cache.commit(s.request.request_id, s.request.token_ids,
                               s.request.num_computed_tokens)
         for i, (req, _) in enumerate(rows):
@@ -152,23 +156,32 @@ class LLMEngine:
                 outputs.append(self._append(req, int(tokens[i]), logprobs, i, now))
             except Exception as exc:
                 self._fail(req, f"{type(exc).__name__}: {exc}")
+        if spec is not None:
+            outputs += self._apply_spec(*spec, now)
         return outputs + self._drain_pending()
 
     def _forward(self, scheduled: list[ScheduledSeq]):
-        entries, rows = [], []
+        entries, rows, plain_rows, spec_seqs, num_logits = [], [], [], [], 0
         for s in scheduled:
             req, start = s.request, s.request.num_computed_tokens
             end = start + s.num_new_tokens
+            drafts = req.spec_token_ids[: s.num_draft_tokens]
             self.runner.copy_blocks(s.allocation.cow_copies)
-            entries.append(SeqEntry(req.token_ids[start:end], start,
+            entries.append(SeqEntry(req.token_ids[start:end] + drafts, start,
                                     self.cache.slot_mapping(req.request_id, start, end),
-                                    self.cache.block_tables(req.request_id), s.samples))
-            if s.samples:
+                                    self.cache.block_tables(req.request_id), s.samples,
+                                    1 + len(drafts)))
+            if drafts:
+                spec_seqs.append((req, drafts, num_logits))
+            elif s.samples:
                 rows.append((req, len(entries) - 1))
+                plain_rows.append(num_logits)
+            num_logits += 1 + len(drafts) if s.samples else 0
         logits = self.runner.forward(build_batch(entries))
-        if not rows:  # only prefill chunks that do not reach the end: nothing to sample
-            mx.eval(logits, self.store.arrays())
-            return [], None, []
+        logits, spec = self._verify(logits, plain_rows, spec_seqs)
+        if not rows:  # prefill chunks that do not reach the end, or only speculating rows
+            mx.eval(logits, self.store.arrays(), *(spec[2] if spec else ()))
+            return [], None, [], spec
         sample_rows, logit_rows = [], []
         for row_idx, (req, _) in enumerate(list(rows)):
             for child in self._maybe_fork(req):
@@ -183,8 +196,9 @@ class LLMEngine:
         if self.logits_sink is not None:
             self.logits_sink([req.request_id for req, _ in rows], logits)
         tokens, logprobs = sample(logits, sample_rows)
-        mx.eval(tokens, self.store.arrays(), *([logprobs] if logprobs is not None else []))
-        return tokens.tolist(), logprobs, rows
+        mx.eval(tokens, self.store.arrays(), *([logprobs] if logprobs is not None else []),
+                *(spec[2] if spec else ()))
+        return tokens.tolist(), logprobs, rows, spec
 
     def _sample_row(self, req: Request) -> SampleRow:
         return SampleRow(req.params, req.seed, len(req.output_token_ids),
@@ -211,6 +225,61 @@ class LLMEngine:
             self.scheduler.admit_running(child)
             children.append(child)
         return children
+
+    # -- speculative decoding (#18; drafts: mlxkv.speculative, verification: spec_verify) --
+    def _verify(self, logits: mx.array, plain_rows: list[int], spec_seqs: list):
+        """Split the speculating sequences' rows off `logits` and verify their drafts (lazy).
+
+        Returns (the plain rows' logits, (spec_seqs, their logits, verdicts) or None).
+        """
+        if not spec_seqs:
+            return logits, None
+        spec_rows = [i for _, drafts, first in spec_seqs
+                     for i in range(first, first + len(drafts) + 1)]
+        spec_logits = logits[mx.array(spec_rows)]
+        verdicts = verify(spec_logits, [
+            DraftRows(req.params, req.seed, len(req.output_token_ids), drafts)
+            for req, drafts, _ in spec_seqs])
+        plain = logits[mx.array(plain_rows)] if plain_rows else logits[:0]
+        return plain, (spec_seqs, spec_logits, [a for v in verdicts for a in v])
+
+    def _apply_spec(self, spec_seqs: list, logits: mx.array, verdicts: list,
+                    now: float) -> list[RequestOutput]:
+        """Commit each sequence's accepted tokens and trim its rejected drafts' slots."""
+        logprobs = None
+        if any(req.params.logprobs is not None for req, _, _ in spec_seqs):
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        outputs, row = [], 0
+        for n, (req, drafts, _) in enumerate(spec_seqs):
+            accept, alt = verdicts[2 * n].tolist(), verdicts[2 * n + 1].tolist()
+            token_ids = accepted_tokens(drafts, accept, alt)
+            self.speculator.record(req, len(drafts), len(token_ids) - 1)
+            if self.logits_sink is not None:
+                self.logits_sink([req.request_id] * len(token_ids),
+                                 logits[row : row + len(token_ids)])
+            try:
+                req.num_computed_tokens += len(token_ids) - 1
+                self.cache.trim(req.request_id, req.num_computed_tokens)
+                outputs.append(self._append_all(req, token_ids, logprobs, row, now))
+            except Exception as exc:
+                self._fail(req, f"{type(exc).__name__}: {exc}")
+            row += len(drafts) + 1
+        return outputs
+
+    def _append_all(self, req: Request, token_ids: list[int], logprobs, row: int,
+                    now: float) -> RequestOutput:
+        """Append tokens in order until one finishes the request; one merged delta."""
+        parts = []
+        for i, token in enumerate(token_ids):
+            parts.append(self._append(req, token, logprobs, row + i, now))
+            if req.is_finished:
+                break
+        last = parts[-1]
+        last.new_token_ids = [t for p in parts for t in p.new_token_ids]
+        last.new_text = "".join(p.new_text for p in parts)
+        if any(p.logprobs for p in parts):
+            last.logprobs = [lp for p in parts for lp in p.logprobs or []]
+        return last
 
     # -- results -------------------------------------------------------------------------
     def _append(self, req: Request, token: int, logprobs, row: int, now: float) -> RequestOutput:
@@ -270,6 +339,7 @@ class LLMEngine:
             num_prompt_tokens=req.num_prompt_tokens,
             num_cached_tokens=max(0, req.num_cached_tokens),
             num_generated_tokens=len(req.output_token_ids), error=req.error,
+            num_draft_tokens=req.spec.num_proposed, num_accepted_tokens=req.spec.num_accepted,
         )
 
     def _finish(self, req: Request, status: RequestStatus, emit: bool = True) -> None:
@@ -298,6 +368,7 @@ class LLMEngine:
         return stats
 
     def metrics(self) -> dict:
-        return {**self.stats, "preemptions": self.scheduler.num_preemptions,
+        return {**self.stats, **self.speculator.counters,
+                "preemptions": self.scheduler.num_preemptions,
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "ttft": list(self.ttft), "itl": list(self.itl)}

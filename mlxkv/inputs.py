@@ -4,6 +4,7 @@
     input_ids      [ a5 a6 a7 | b12 ]          query_start_loc [0, 3, 4]
     positions      [  5  6  7 |  12 ]          seq_lens        [8, 13]  (context after step)
     slot_mapping[g][ s  s  s  |  s  ]          logits_indices  [2, 3]   (last token of samplers)
+A speculating sequence samples its last `num_logits` tokens (1 + its drafts).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class SeqEntry:
     slot_mapping: Sequence[Sequence[int]]  # per group, one slot per new token
     block_tables: Sequence[Sequence[int]]  # per group, block ids covering the context
     sample: bool = True  # whether the last token's logits are needed
+    num_logits: int = 1  # when sampling, logits of this many last tokens (speculative rows)
 
 
 @dataclass(slots=True)
@@ -75,7 +77,7 @@ def build_batch(entries: Sequence[SeqEntry]) -> BatchInputs:
         starts.append(starts[-1] + n)
         lens.append(e.start_pos + n)
         if e.sample:
-            logits_idx.append(starts[-1] - 1)
+            logits_idx.extend(range(starts[-1] - e.num_logits, starts[-1]))
     return BatchInputs(
         input_ids=mx.array(ids, dtype=mx.int32),
         positions=mx.array(positions, dtype=mx.int32),

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from mlxkv.sampling import SamplingParams
+from mlxkv.speculative import SpecState
 
 
 class RequestStatus(enum.Enum):
@@ -49,6 +50,8 @@ class Request:
     error: str | None = None
     forked: bool = False  # n > 1: children created after prefill
     seed: int = 0  # sampling seed (params.seed or one drawn by the engine)
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts for the next step
+    spec: SpecState = field(default_factory=SpecState)  # speculation counters
 
     def __post_init__(self) -> None:
         self.user_id = self.user_id or self.request_id

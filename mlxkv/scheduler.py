@@ -24,12 +24,13 @@ class ScheduledSeq:
     request: Request
     num_new_tokens: int
     allocation: Allocation
+    num_draft_tokens: int = 0  # of num_new_tokens, speculative drafts (request.spec_token_ids)
 
     @property
     def samples(self) -> bool:
         """Whether this chunk reaches the end of the known tokens (so logits are needed)."""
         r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+        return r.num_computed_tokens + self.num_new_tokens - self.num_draft_tokens == r.num_tokens
 
 
 @dataclass(slots=True)
@@ -90,10 +91,13 @@ class Scheduler:
         for req in list(self.running):
             if req not in self.running or budget <= 0:
                 continue
-            num_new = min(req.num_pending_tokens, budget)
+            num_new = min(req.num_pending_tokens + len(req.spec_token_ids), budget)
             if num_new <= 0:
                 continue
             alloc = self.cache.allocate_slots(req.request_id, num_new)
+            if alloc is None and num_new > req.num_pending_tokens:  # drop drafts, not others
+                num_new = req.num_pending_tokens
+                alloc = self.cache.allocate_slots(req.request_id, num_new)
             while alloc is None:
                 victim = self._pick_victim(scheduled_ids)
                 self._preempt(victim, out)
@@ -101,7 +105,8 @@ class Scheduler:
                     break
                 alloc = self.cache.allocate_slots(req.request_id, num_new)
             if alloc is not None:
-                out.scheduled.append(ScheduledSeq(req, num_new, alloc))
+                num_drafts = max(0, num_new - req.num_pending_tokens)
+                out.scheduled.append(ScheduledSeq(req, num_new, alloc, num_drafts))
                 scheduled_ids.add(req.request_id)
                 budget -= num_new
         return budget
