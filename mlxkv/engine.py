@@ -70,6 +70,7 @@ class LLMEngine:
                       "cached_tokens": 0, "steps": 0, "errors": 0}
         self.ttft: deque[float] = deque(maxlen=4096)
         self.itl: deque[float] = deque(maxlen=4096)
+        self.spec_acceptance: deque[float] = deque(maxlen=4096)  # per finished request
         # Called as sink(request_ids, logits [rows, vocab]) with the fp32 logits each step
         # samples from, row i belonging to request_ids[i] (forks included). For oracles and
         # debugging; None in serving.
@@ -347,6 +348,8 @@ class LLMEngine:
             return
         self.scheduler.finish(req, status)
         self.stats["cached_tokens"] += max(0, req.num_cached_tokens)
+        if req.spec.num_proposed:
+            self.spec_acceptance.append(req.spec.num_accepted / req.spec.num_proposed)
         self._detok.pop(req.request_id, None)
         if emit:
             self._pending.append(self._output(req, [], ""))
@@ -371,4 +374,5 @@ class LLMEngine:
         return {**self.stats, **self.speculator.counters,
                 "preemptions": self.scheduler.num_preemptions,
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "ttft": list(self.ttft), "itl": list(self.itl)}
+                "ttft": list(self.ttft), "itl": list(self.itl),
+                "spec_acceptance": list(self.spec_acceptance)}

@@ -60,6 +60,7 @@ class _Sampling(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     user: str | None = None
+    speculative: bool | None = None  # extension: speculative decoding on/off (None: server)
 
     def _stop_list(self, limits: ServerConfig) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -91,6 +92,7 @@ class _Sampling(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             n=self.n,
+            speculative=self.speculative,
         )
 
 

@@ -43,6 +43,7 @@ async def stream_chunks(engine, kind: str, request_id: str, first: RequestOutput
     """SSE body. Closing it (client gone) closes the engine stream, which aborts the request."""
     offsets: dict[int, int] = {}
     generated: dict[int, int] = {}
+    drafted: dict[int, tuple[int, int]] = {}
     prompt = cached = 0
     try:
         if kind == "chat":
@@ -53,6 +54,7 @@ async def stream_chunks(engine, kind: str, request_id: str, first: RequestOutput
         while out is not None:
             prompt, cached = out.num_prompt_tokens, out.num_cached_tokens
             generated[out.index] = out.num_generated_tokens
+            drafted[out.index] = (out.num_draft_tokens, out.num_accepted_tokens)
             if out.error:
                 err = {"error": {"message": out.error, "type": "server_error", "param": None,
                                  "code": "generation_failed"}}
@@ -63,7 +65,7 @@ async def stream_chunks(engine, kind: str, request_id: str, first: RequestOutput
         if include_usage:
             body = envelope("chat.completion.chunk" if kind == "chat" else "text_completion",
                             request_id, engine.model_name, [],
-                            usage(prompt, sum(generated.values()), cached))
+                            usage(prompt, sum(generated.values()), cached, _sum(drafted)))
             yield sse(body)
         yield sse("[DONE]")
     finally:
@@ -74,11 +76,13 @@ async def collect(engine, kind: str, request_id: str, first: RequestOutput,
                   stream: AsyncIterator[RequestOutput], n: int) -> dict:
     """The non-streamed response: every fork to completion."""
     choices = {i: ChoiceState(i) for i in range(n)}
+    drafted: dict[int, tuple[int, int]] = {}
     out: RequestOutput | None = first
     prompt = cached = 0
     try:
         while out is not None:
             choices[out.index].add(out)
+            drafted[out.index] = (out.num_draft_tokens, out.num_accepted_tokens)
             prompt, cached = out.num_prompt_tokens, out.num_cached_tokens
             out = await anext(stream, None)
     finally:
@@ -102,7 +106,12 @@ async def collect(engine, kind: str, request_id: str, first: RequestOutput,
                 if c.has_logprobs else None, "finish_reason": c.finish_reason})
     total = sum(c.num_generated for c in choices.values())
     return envelope("chat.completion" if kind == "chat" else "text_completion", request_id,
-                    engine.model_name, body_choices, usage(prompt, total, cached))
+                    engine.model_name, body_choices, usage(prompt, total, cached, _sum(drafted)))
+
+
+def _sum(drafted: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """(draft tokens, accepted tokens) over the forks."""
+    return sum(d for d, _ in drafted.values()), sum(a for _, a in drafted.values())
 
 
 class SSEResponse(StreamingResponse):
