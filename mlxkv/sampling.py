@@ -60,6 +60,8 @@ class SamplingParams:
         _require(
             all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"
         )
+        _require(self.speculative in (None, True, False), "speculative",
+                 "must be true, false or null")
         _require(
             all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
             "stop_token_ids",
