@@ -29,7 +29,7 @@ from mlxkv.runner import ModelRunner
 from mlxkv.samplers import SampleRow, sample
 from mlxkv.sampling import SamplingParams
 from mlxkv.scheduler import ScheduledSeq, Scheduler
-from mlxkv.spec_verify import DraftRows, accepted_tokens, verify
+from mlxkv.spec_verify import DraftRows, accepted_tokens, split_and_verify
 from mlxkv.speculative import Speculator
 
 _FINISH = {
@@ -229,20 +229,13 @@ class LLMEngine:
 
     # -- speculative decoding (#18; drafts: mlxkv.speculative, verification: spec_verify) --
     def _verify(self, logits: mx.array, plain_rows: list[int], spec_seqs: list):
-        """Split the speculating sequences' rows off `logits` and verify their drafts (lazy).
-
-        Returns (the plain rows' logits, (spec_seqs, their logits, verdicts) or None).
-        """
+        """(the plain rows' logits, (spec_seqs, their logits, lazy verdicts) or None)."""
         if not spec_seqs:
             return logits, None
-        spec_rows = [i for _, drafts, first in spec_seqs
-                     for i in range(first, first + len(drafts) + 1)]
-        spec_logits = logits[mx.array(spec_rows)]
-        verdicts = verify(spec_logits, [
-            DraftRows(req.params, req.seed, len(req.output_token_ids), drafts)
-            for req, drafts, _ in spec_seqs])
-        plain = logits[mx.array(plain_rows)] if plain_rows else logits[:0]
-        return plain, (spec_seqs, spec_logits, [a for v in verdicts for a in v])
+        plain, spec_logits, verdicts = split_and_verify(logits, plain_rows, [
+            (DraftRows(req.params, req.seed, len(req.output_token_ids), drafts), first)
+            for req, drafts, first in spec_seqs])
+        return plain, (spec_seqs, spec_logits, verdicts)
 
     def _apply_spec(self, spec_seqs: list, logits: mx.array, verdicts: list,
                     now: float) -> list[RequestOutput]:

@@ -90,6 +90,25 @@ def verify(logits: mx.array, rows: Sequence[DraftRows]) -> list[tuple[mx.array, 
     return out
 
 
+def split_and_verify(logits: mx.array, plain_rows: Sequence[int],
+                     spec: Sequence[tuple[DraftRows, int]]):
+    """Separate a step's logits into plain sampling rows and speculating sequences' rows.
+
+    Args:
+        logits: fp32 [num_rows, V] of one forward.
+        plain_rows: the rows of plainly sampled sequences.
+        spec: per speculating sequence, its DraftRows and its first row (k + 1 rows).
+    Returns:
+        (logits[plain_rows], the speculating rows' logits in order, the flat list
+        [accept_0, alt_0, accept_1, alt_1, ...] of lazy verdicts, see `verify`).
+    """
+    rows = [i for row, first in spec for i in range(first, first + len(row.drafts) + 1)]
+    spec_logits = logits[mx.array(rows)]
+    verdicts = verify(spec_logits, [row for row, _ in spec])
+    plain = logits[mx.array(list(plain_rows))] if plain_rows else logits[:0]
+    return plain, spec_logits, [a for pair in verdicts for a in pair]
+
+
 def accepted_tokens(drafts: Sequence[int], accept: Sequence[bool],
                     alt: Sequence[int]) -> list[int]:
     """The tokens to emit: the accepted draft prefix, then the correction or bonus token."""
