@@ -33,9 +33,9 @@ from mlxkv.kv_store import KVStore
 #   -> [B, H, D], or None when the op does not handle this layer (the reference runs).
 DecodeOp = Callable[..., mx.array | None]
 
-# Chunks of at most this many query rows (speculative verification) run as decode rows
-# through the fused decode op when there is one; longer chunks take the prefill path.
-SHORT_CHUNK_ROWS = 16
+# Verification chunks (every row sampled: speculative decoding) of at most this many
+# rows run as decode rows through the fused decode op when it covers the layer.
+MAX_VERIFY_ROWS = 16
 
 
 def kernel_decode(q, store: KVStore, layer_id: int, tables, seq_lens, scale, window,
@@ -148,17 +148,27 @@ def paged_attention(
                              batch.memo, decode_op)
     starts = batch.query_start_loc
     outs: dict[int, mx.array] = {}
-    max_rows = SHORT_CHUNK_ROWS if decode_op is not None else 1
-    decode_rows, chunks = [], {}
+    decode_rows, verify_rows, chunks = [], [], {}
     for i in range(batch.num_seqs):
         q_len = starts[i + 1] - starts[i]
-        if q_len <= max_rows:
+        if q_len == 1:
             decode_rows.append(i)
+        elif decode_op is not None and q_len == batch.num_logits_list[i] <= MAX_VERIFY_ROWS:
+            verify_rows.append(i)
         else:  # equal (length, start) chunks share one batched call
             chunks.setdefault((q_len, batch.start_positions[i]), []).append(i)
+    verified = verify_rows and _verify_rows(q, store, layer_id, tables, batch, verify_rows,
+                                            scale, sliding_window, decode_op)
+    if verified:
+        outs.update(verified)
+    for i in verify_rows if not verified else ():  # the op declined: the prefill path
+        chunks.setdefault((starts[i + 1] - starts[i], batch.start_positions[i]), []).append(i)
     if len(decode_rows) > 1 or (decode_rows and decode_op is not None):
-        outs.update(_short_rows(q, store, layer_id, tables, batch, decode_rows, scale,
-                                sliding_window, decode_op))
+        rows = mx.array(decode_rows, dtype=mx.int32)
+        tok = mx.array([starts[i] for i in decode_rows], dtype=mx.int32)
+        decoded = _decode_batch(q[tok], store, layer_id, tables[rows], batch.positions[tok],
+                                scale, sliding_window, batch.memo, decode_op)
+        outs.update({i: decoded[n][None] for n, i in enumerate(decode_rows)})
     elif decode_rows:
         chunks[(1, batch.start_positions[decode_rows[0]])] = decode_rows
     for (q_len, start), rows in chunks.items():
@@ -169,20 +179,20 @@ def paged_attention(
     return mx.concatenate(ordered, axis=0) if len(ordered) > 1 else ordered[0]
 
 
-def _short_rows(q, store, layer_id, tables, batch, seqs, scale, window, decode_op):
-    """Sequences of a few query rows (decodes, speculative verification) as decode rows.
+def _verify_rows(q, store, layer_id, tables, batch, seqs, scale, window, decode_op):
+    """Verification chunks as decode rows -> {seq: [q_len, H, D]}, or None (op declined).
 
     Query row j of a sequence at position p is one decode row over the sequence's block
-    table with p + 1 keys (its own and every earlier row's K/V are already written), so
-    the fused decode op serves them all without gathering the context.
+    table with p + j + 1 keys (its own and every earlier row's K/V are already written),
+    so the fused decode op serves them without gathering the context.
     """
     starts = batch.query_start_loc
-    tok = [t for i in seqs for t in range(starts[i], starts[i + 1])]
-    owner = [n for n, i in enumerate(seqs) for _ in range(starts[i], starts[i + 1])]
-    tok_arr = mx.array(tok, dtype=mx.int32)
-    table = tables[mx.array([seqs[n] for n in owner], dtype=mx.int32)]
-    decoded = _decode_batch(q[tok_arr], store, layer_id, table, batch.positions[tok_arr],
-                            scale, window, None, decode_op)
+    tok = mx.array([t for i in seqs for t in range(starts[i], starts[i + 1])], dtype=mx.int32)
+    owner = [i for i in seqs for _ in range(starts[i], starts[i + 1])]
+    table = tables[mx.array(owner, dtype=mx.int32)]
+    decoded = decode_op(q[tok], store, layer_id, table, batch.positions[tok] + 1, scale, window)
+    if decoded is None:
+        return None
     out, row = {}, 0
     for i in seqs:
         q_len = starts[i + 1] - starts[i]

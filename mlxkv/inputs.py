@@ -41,6 +41,7 @@ class BatchInputs:
     seq_lens_list: list[int]
     start_positions: list[int]
     num_blocks_list: list[list[int]]  # per group, per seq: table length
+    num_logits_list: list[int]  # per seq: rows whose logits are returned (0: none)
     memo: dict = field(default_factory=dict)  # per-forward values shared by layers (masks)
 
     @property
@@ -89,4 +90,5 @@ def build_batch(entries: Sequence[SeqEntry]) -> BatchInputs:
         seq_lens_list=lens,
         start_positions=[e.start_pos for e in entries],
         num_blocks_list=[[len(e.block_tables[g]) for e in entries] for g in range(num_groups)],
+        num_logits_list=[e.num_logits if e.sample else 0 for e in entries],
     )

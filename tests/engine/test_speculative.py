@@ -108,6 +108,26 @@ def test_greedy_equals_plain_with_prefill_chunks_in_the_batch():
     check_spec_vs_plain(make_tiny_model("llama"), prompts, max_batched=12)
 
 
+def test_verification_rows_run_through_the_fused_decode_op(monkeypatch):
+    """head_dim 64: the compiled CPU op covers the layers, so drafts are verified as decode
+    rows of the op (mlxkv.attention._verify_rows), and still equal plain decoding."""
+    import mlxkv.attention as attention
+
+    calls = []
+
+    def counting(*args):
+        out = real(*args)
+        calls.append(out is not None)
+        return out
+
+    real = attention._verify_rows
+    monkeypatch.setattr(attention, "_verify_rows", counting)
+    model = make_tiny_model("llama", head_dim=64, num_attention_heads=2, num_key_value_heads=1,
+                            hidden_size=128)
+    check_spec_vs_plain(model, [PROMPT, PROMPT[3:20]], max_batched=12)
+    assert calls and all(calls)
+
+
 def test_greedy_equals_plain_with_a_sliding_window():
     """gemma3: window 8 with block 4, so drafts and rewinds cross dropped blocks."""
     check_spec_vs_plain(make_tiny_model("gemma3_text"), [PROMPT, PROMPT[4:30]])
