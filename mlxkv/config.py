@@ -141,7 +141,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 8
     ngram_min: int = 2
     ngram_max: int = 4
-    step_cost_rows: float = 8.0
+    step_cost_rows: float = 4.0
     acceptance_decay: float = 0.8
 
     def __post_init__(self) -> None:
