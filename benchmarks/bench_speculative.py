@@ -10,7 +10,8 @@ first token, over the time from then to the end (prefill is the same on both sid
 
 Also measured: the cost of one forward step against the number of query rows in it
 (decode rows of 8 sequences, 1..9 rows each), the curve behind the sizing policy
-(mlxkv.speculative: a draft pays while acceptance * (R0 + rows) > tokens per step).
+(mlxkv.speculative: rows up to `free_rows` per step cost about one; beyond, each costs its
+compute and the batch does not speculate).
 
     python benchmarks/bench_speculative.py                       # SmolLM2, ~10 minutes
     python benchmarks/bench_speculative.py --quick               # tiny random model
@@ -163,7 +164,7 @@ def build_engines(loaded, args) -> dict:
 
     base = EngineConfig(cache=CacheConfig(memory_budget_bytes=args.kv_memory))
     spec = SpeculativeConfig(method="ngram", num_speculative_tokens=args.k,
-                             step_cost_rows=args.step_cost_rows)
+                             free_rows=args.free_rows)
     return {"plain": LLM(base, loaded=loaded).engine,
             "speculative": LLM(replace(base, speculative=spec), loaded=loaded).engine}
 
@@ -178,7 +179,7 @@ def main(argv=None) -> dict:
     p.add_argument("--passage-chars", type=int, default=600)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--k", type=int, default=8, help="num_speculative_tokens")
-    p.add_argument("--step-cost-rows", type=float, default=4.0)
+    p.add_argument("--free-rows", type=float, default=8.0)
     p.add_argument("--kv-memory", type=int, default=256 << 20)
     p.add_argument("--no-row-cost", action="store_true")
     p.add_argument("--out", default=None)

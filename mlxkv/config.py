@@ -132,23 +132,23 @@ class SpeculativeConfig:
     (prompt lookup) is what requests that do not set `SamplingParams.speculative` get.
 
     `num_speculative_tokens` caps the drafts per request and step; `ngram_min`/`ngram_max`
-    bound the n-gram sizes matched; `step_cost_rows` is how many query rows cost as much as
-    a step's fixed cost (larger: draft more; see mlxkv.speculative); `acceptance_decay`
-    weighs the acceptance history of a request.
+    bound the n-gram sizes matched; `free_rows` is how many query rows a step runs in the
+    time of one (memory-bound; beyond it the batch is compute-bound and does not draft; see
+    mlxkv.speculative); `acceptance_decay` weighs the acceptance history of a request.
     """
 
     method: str = "off"
     num_speculative_tokens: int = 8
     ngram_min: int = 2
     ngram_max: int = 4
-    step_cost_rows: float = 4.0
+    free_rows: float = 8.0
     acceptance_decay: float = 0.8
 
     def __post_init__(self) -> None:
         _check(self.method in ("off", "ngram"), "speculative", "'off' or 'ngram'")
         _check(1 <= self.num_speculative_tokens <= 15, "num_speculative_tokens", "in 1..15")
         _check(1 <= self.ngram_min <= self.ngram_max, "ngram_min", "in 1..ngram_max")
-        _check(self.step_cost_rows >= 0, "step_cost_rows", ">= 0")
+        _check(self.free_rows >= 1, "free_rows", ">= 1")
         _check(0.0 <= self.acceptance_decay < 1.0, "acceptance_decay", "in [0, 1)")
 
 

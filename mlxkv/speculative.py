@@ -12,12 +12,19 @@ block table. Invariants:
   * requests whose sampling depends on earlier tokens of the same step (repetition,
     presence and frequency penalties) never speculate.
 
-Draft sizing: verifying r more query rows costs about r / (R0 + rows) of a step, where R0
-(`SpeculativeConfig.step_cost_rows`) is the number of rows whose compute equals the fixed
-cost of a step (streaming the weights). A draft token that is accepted with probability g
-pays for its row iff g * (R0 + rows) > expected tokens of the step, so drafts are added in
-order of g (a per-request acceptance estimate to the power of the draft position) while
-that holds: a lone memory-bound stream drafts deeply, a large batch (compute-bound) stops.
+Draft sizing (a roofline): a step of `rows` query rows costs about max(F, rows) row-times,
+where F (`SpeculativeConfig.free_rows`) is how many rows fit in the time of streaming the
+weights once (memory-bound: rows up to F cost the same as one). A draft accepted with
+probability g adds g expected tokens and one row. Drafts are taken in order of g (a
+per-request acceptance estimate to the power of the draft position) while they raise
+tokens / cost and g >= MIN_GAIN:
+
+    rows + 1 <= F   the row is free: take it
+    rows + 1 >  F   it costs its compute: take it iff g * rows > expected tokens (never
+                    for a batch of decode rows, whose rows each yield a token already)
+
+So a lone stream drafts up to F - 1 deep, and a batch that already fills F rows (this
+CPU's compute-bound point) does not speculate at all.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from mlxkv.config import SpeculativeConfig
+
+MIN_GAIN = 0.1  # a draft position accepted with a lower probability is not worth its row
 
 if TYPE_CHECKING:
     from mlxkv.request import Request
@@ -134,8 +143,9 @@ class Speculator:
         gains.sort(key=lambda g: -g[0])
         rows, tokens = float(num_rows), float(num_rows)
         take = [0] * len(candidates)
+        free = self.config.free_rows
         for gain, n, j in gains:
-            if gain * (self.config.step_cost_rows + rows) <= tokens:
+            if gain < MIN_GAIN or (rows + 1 > free and gain * max(rows, free) <= tokens):
                 break
             if j == take[n] + 1:  # positions are taken in order (gains fall with j)
                 take[n] = j

@@ -8,12 +8,12 @@ from mlxkv.config import SpeculativeConfig
 from mlxkv.speculative import Speculator
 
 
-def spec_llm(model, drafter=None, step_cost_rows: float = 1000.0, k: int = 6, **llm_kw):
+def spec_llm(model, drafter=None, free_rows: float = 1000.0, k: int = 6, **llm_kw):
     """A tokenizer-less tiny-model LLM whose engine speculates with `drafter` (None: n-gram).
 
-    A large step_cost_rows makes every proposed draft verified (no sizing cut)."""
+    A large free_rows makes every proposed draft verified (no sizing cut)."""
     llm = make_llm(model, **llm_kw)
-    config = SpeculativeConfig(method="ngram", step_cost_rows=step_cost_rows,
+    config = SpeculativeConfig(method="ngram", free_rows=free_rows,
                                num_speculative_tokens=k)
     llm.engine.speculator = Speculator(config, drafter)
     return llm

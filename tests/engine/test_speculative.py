@@ -73,7 +73,7 @@ def test_a_request_in_prefill_does_not_speculate():
 
 def test_sizing_drafts_deep_alone_and_not_at_all_in_a_big_batch():
     def proposed(num_running, accepted_history=0):
-        spec = Speculator(SpeculativeConfig(method="ngram", step_cost_rows=8.0),
+        spec = Speculator(SpeculativeConfig(method="ngram", free_rows=8.0),
                           drafter=lambda ids, k: [7] * k)
         reqs = [decoding(SamplingParams(max_tokens=99)) for _ in range(num_running)]
         for r in reqs:
@@ -82,10 +82,11 @@ def test_sizing_drafts_deep_alone_and_not_at_all_in_a_big_batch():
         spec.propose(reqs)
         return [len(r.spec_token_ids) for r in reqs]
 
-    # prior acceptance 1/2: 0.5 * (8 + 1) > 1, 0.25 * 10 > 1.5, 0.125 * 11 < 1.75
-    assert proposed(1) == [2]
-    assert proposed(1, accepted_history=10) == [8]  # acceptance ~0.9: the full depth
-    assert proposed(32) == [0] * 32  # 0.5 * (8 + 32) < 32: compute-bound, no drafts
+    # prior acceptance 1/2: 0.5, 0.25, 0.125 pass MIN_GAIN (0.1), 0.0625 does not
+    assert proposed(1) == [3]
+    assert proposed(1, accepted_history=10) == [7]  # ~0.95: every free row (1 + 7 = 8)
+    assert proposed(4, accepted_history=10) == [1, 1, 1, 1]  # 4 + 4 rows fill the 8
+    assert proposed(8, accepted_history=10) == [0] * 8  # compute-bound: no drafts
 
 
 # -- greedy exactness in the continuous batch --------------------------------------------
@@ -174,7 +175,7 @@ def test_stops_at_the_same_token(stop):
     params = replace(base, **kw)
     config = EngineConfig(cache=CacheConfig(block_size=4, num_blocks=128),
                           scheduler=SchedulerConfig(),
-                          speculative=SpeculativeConfig(method="ngram", step_cost_rows=1e3))
+                          speculative=SpeculativeConfig(method="ngram", free_rows=1e3))
     outs = []
     for llm in (plain, LLM(config, loaded=(model, CharTokenizer()))):
         llm.engine.eos_token_ids = {stop_at}
