@@ -38,6 +38,7 @@ RUNS = [
     ["floor.py", "--model", "smollm2-135m-instruct"],
     ["bench_kernels.py"],
     ["step_profile.py"],
+    ["bench_speculative.py"],
 ]
 
 
@@ -165,6 +166,20 @@ def _projection_codecs(d: dict) -> list[str]:
     return list(dict.fromkeys(c for c in picks if c))
 
 
+def table_speculative(d):
+    rows = ["| task | concurrent | plain tok/s | speculative tok/s | ratio | acceptance | "
+            "same tokens |", "|---|---:|---:|---:|---:|---:|---|"]
+    rows += [f"| {r['task']} | {r['concurrency']} | {r['plain_tok_s']:.1f} | "
+             f"{r['speculative_tok_s']:.1f} | {r['ratio']:.2f} | {r['acceptance']:.2f} | "
+             f"{'yes' if r['identical_tokens'] else 'NO'} |" for r in d["rows"]]
+    out = [_src(d, "bench_speculative.py", "speculative"), "", *rows]
+    if "row_cost" in d:
+        curve = ", ".join(f"{c['rows']} rows {c['step_ms']:.0f} ms" for c in d["row_cost"]["curve"])
+        out += ["", f"Step time of 8 sequences by query rows: {curve}; fitted R0 = "
+                f"{d['row_cost']['r0_rows']:.1f} rows."]
+    return out
+
+
 def render(results: Path) -> None:
     tables = {
         "throughput": ("benchmarks.md", "throughput", table_throughput),
@@ -174,6 +189,7 @@ def render(results: Path) -> None:
         "floor": ("benchmarks.md", "floor", table_floor),
         "kernels": ("kernels.md", "kernels", table_kernels),
         "step_profile": ("benchmarks.md", "step_profile", table_step_profile),
+        "speculative": ("speculative.md", "speculative", table_speculative),
         "quality_smollm2": ("compression.md", "quality_smollm2-135m-instruct",
                             lambda d: table_quality(d, "quality_smollm2-135m-instruct")),
         "quality_gemma3": ("compression.md", "quality_gemma3-270m",

@@ -38,6 +38,10 @@ DecodeOp = Callable[..., mx.array | None]
 # block_tables [B, MB], batch, scale, window) -> [T, H, D] or None (the reference runs).
 PREFILL_OPS = {cpu_decode: cpu_prefill}
 
+# Verification chunks (every row sampled: speculative decoding) of at most this many
+# rows run as decode rows through the fused decode op when it covers the layer.
+MAX_VERIFY_ROWS = 16
+
 
 def kernel_decode(q, store: KVStore, layer_id: int, tables, seq_lens, scale, window,
                   executor=run_metal):
@@ -157,13 +161,21 @@ def paged_attention(
             return out
     starts = batch.query_start_loc
     outs: dict[int, mx.array] = {}
-    decode_rows, chunks = [], {}
+    decode_rows, verify_rows, chunks = [], [], {}
     for i in range(batch.num_seqs):
         q_len = starts[i + 1] - starts[i]
         if q_len == 1:
             decode_rows.append(i)
+        elif decode_op is not None and q_len == batch.num_logits_list[i] <= MAX_VERIFY_ROWS:
+            verify_rows.append(i)
         else:  # equal (length, start) chunks share one batched call
             chunks.setdefault((q_len, batch.start_positions[i]), []).append(i)
+    verified = verify_rows and _verify_rows(q, store, layer_id, tables, batch, verify_rows,
+                                            scale, sliding_window, decode_op)
+    if verified:
+        outs.update(verified)
+    for i in verify_rows if not verified else ():  # the op declined: the prefill path
+        chunks.setdefault((starts[i + 1] - starts[i], batch.start_positions[i]), []).append(i)
     if len(decode_rows) > 1 or (decode_rows and decode_op is not None):
         rows = mx.array(decode_rows, dtype=mx.int32)
         tok = mx.array([starts[i] for i in decode_rows], dtype=mx.int32)
@@ -178,6 +190,28 @@ def paged_attention(
         outs.update({i: out[n] for n, i in enumerate(rows)})
     ordered = [outs[i] for i in range(batch.num_seqs)]
     return mx.concatenate(ordered, axis=0) if len(ordered) > 1 else ordered[0]
+
+
+def _verify_rows(q, store, layer_id, tables, batch, seqs, scale, window, decode_op):
+    """Verification chunks as decode rows -> {seq: [q_len, H, D]}, or None (op declined).
+
+    Query row j of a sequence at position p is one decode row over the sequence's block
+    table with p + j + 1 keys (its own and every earlier row's K/V are already written),
+    so the fused decode op serves them without gathering the context.
+    """
+    starts = batch.query_start_loc
+    tok = mx.array([t for i in seqs for t in range(starts[i], starts[i + 1])], dtype=mx.int32)
+    owner = [i for i in seqs for _ in range(starts[i], starts[i + 1])]
+    table = tables[mx.array(owner, dtype=mx.int32)]
+    decoded = decode_op(q[tok], store, layer_id, table, batch.positions[tok] + 1, scale, window)
+    if decoded is None:
+        return None
+    out, row = {}, 0
+    for i in seqs:
+        q_len = starts[i + 1] - starts[i]
+        out[i] = decoded[row : row + q_len]
+        row += q_len
+    return out
 
 
 def _prefill_rows(q, store, layer_id, tables, batch, rows, q_len, start, scale, window):

@@ -145,6 +145,9 @@ def cmd_generate(args) -> int:
             f"total {time.perf_counter() - start:.2f} s",
             file=sys.stderr,
         )
+        if stats.get("num_draft_tokens"):
+            print(f"speculative: {stats['num_accepted_tokens']} of "
+                  f"{stats['num_draft_tokens']} draft tokens accepted", file=sys.stderr)
     return 0
 
 

@@ -127,6 +127,32 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """Speculative decoding (mlxkv.speculative). `method` "off" (the default) or "ngram"
+    (prompt lookup) is what requests that do not set `SamplingParams.speculative` get.
+
+    `num_speculative_tokens` caps the drafts per request and step; `ngram_min`/`ngram_max`
+    bound the n-gram sizes matched; `free_rows` is how many query rows a step runs in the
+    time of one (memory-bound; beyond it the batch is compute-bound and does not draft; see
+    mlxkv.speculative); `acceptance_decay` weighs the acceptance history of a request.
+    """
+
+    method: str = "off"
+    num_speculative_tokens: int = 8
+    ngram_min: int = 2
+    ngram_max: int = 4
+    free_rows: float = 8.0
+    acceptance_decay: float = 0.8
+
+    def __post_init__(self) -> None:
+        _check(self.method in ("off", "ngram"), "speculative", "'off' or 'ngram'")
+        _check(1 <= self.num_speculative_tokens <= 15, "num_speculative_tokens", "in 1..15")
+        _check(1 <= self.ngram_min <= self.ngram_max, "ngram_min", "in 1..ngram_max")
+        _check(self.free_rows >= 1, "free_rows", ">= 1")
+        _check(0.0 <= self.acceptance_decay < 1.0, "acceptance_decay", "in [0, 1)")
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     """Everything the engine needs, composed of the narrower configs."""
 
@@ -134,6 +160,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     seed: int = 0
     kernel_verbose: bool = False
     attention: str = "auto"  # "auto": fused kernels (Metal, or mlxkv._ext on CPU); "reference"
@@ -166,6 +193,11 @@ class EngineConfig:
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--no-kernel-selfcheck", action="store_true",
                        help="skip the start-up check of the accelerator kernels")
+        g.add_argument("--speculative", default="off", choices=["off", "ngram"],
+                       help="speculative decoding for requests that do not choose: off "
+                            "(default) or ngram (prompt lookup)")
+        g.add_argument("--num-speculative-tokens", type=int, default=8,
+                       help="most draft tokens verified per request and step")
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> EngineConfig:
@@ -197,6 +229,10 @@ class EngineConfig:
                 port=get("port", 8000),
                 api_key=get("api_key"),
                 log_prompts=get("log_prompts", False),
+            ),
+            speculative=SpeculativeConfig(
+                method=get("speculative", "off"),
+                num_speculative_tokens=get("num_speculative_tokens", 8),
             ),
             seed=get("seed", 0),
             kernel_selfcheck=base.kernel_selfcheck and not get("no_kernel_selfcheck", False),

@@ -12,8 +12,12 @@ A step is four stages, each with one owner (docs/architecture.md has the diagram
 Pipelining: after launching step N, step() schedules and launches step N + 1 (its decode
 inputs read step N's sampled ids on the device) before it waits for N's ids, so the host
 work of N + 1 overlaps N's evaluation. A request that stops at N has a row in N + 1 that
-is dropped. Rows whose sampling needs host-side token values (penalties) turn the
-overlap off for that step. The engine is the only code that joins requests to arrays.
+is dropped. Rows whose sampling needs host-side token values (penalties, JSON-schema
+masks, speculative drafts) turn the overlap off for that step.
+
+Speculative decoding (#18, docs/speculative.md): before an unpipelined schedule the
+Speculator sets drafts; a speculating sequence runs 1 + k query rows, verified lazily in
+execute (mlxkv.spec_verify); the output processor accepts, trims and commits. The engine is the only code that joins requests to arrays.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from mlxkv.runner import ModelRunner
 from mlxkv.samplers import SampleRow, sample
 from mlxkv.sampling import SamplingParams
 from mlxkv.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from mlxkv.spec_verify import DraftRows, split_and_verify
+from mlxkv.speculative import Speculator, wants_speculation
 from mlxkv.structured import StructuredOutputs
 
 
@@ -57,11 +63,13 @@ class LLMEngine:
         self.runner = ModelRunner(model, store, decode_op)
         self.scheduler = Scheduler(config.scheduler, cache)
         self.structured = StructuredOutputs(tokenizer)  # JSON-schema masks (json_schema rows)
-        self.processor = OutputProcessor(self.scheduler, cache, tokenizer, self.structured)
-        self.eos_token_ids = self.processor.eos_token_ids
+        self.processor = OutputProcessor(self.scheduler, cache, tokenizer, self.structured,
+                                         Speculator(config.speculative))
+        self.processor.logits_sink = self._sink
         self.stats = self.processor.stats
         self.ttft = self.processor.ttft
         self.itl = self.processor.itl
+        self.spec_acceptance = self.processor.spec_acceptance  # per finished request
         self.vocab_size = int(model.model.embed_tokens.weight.shape[0])
         self.pipeline = True  # overlap the next step's host work with this step's evaluation
         self._seeds = itertools.count(config.seed * 7919 + 1)
@@ -125,6 +133,24 @@ class LLMEngine:
         return len(self.scheduler.running) + len(self.scheduler.waiting)
 
     @property
+    def eos_token_ids(self) -> set[int]:
+        return self.processor.eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids: set[int]) -> None:  # tests stop on a chosen token
+        self.processor.eos_token_ids = ids
+
+    @property
+    def speculator(self) -> Speculator:
+        """Drafts and acceptance statistics (#18, docs/speculative.md); the processor
+        records acceptance into it (tests swap in one with an oracle drafter)."""
+        return self.processor.speculator
+
+    @speculator.setter
+    def speculator(self, speculator: Speculator) -> None:
+        self.processor.speculator = speculator
+
+    @property
     def _detok(self):  # the per-request detokenizers (tests inject faults through it)
         return self.processor.detokenizers
 
@@ -146,14 +172,22 @@ class LLMEngine:
 
     def _needs_host_values(self) -> bool:
         """Whether a running request samples from its token values (so cannot overlap):
-        penalties, or a grammar whose mask needs the previous token."""
+        penalties, a grammar whose mask needs the previous token, or speculative decoding
+        (drafts are looked up from the tokens, and rejected drafts are trimmed at update)."""
+        default_on = self.speculator.default_on
         return any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty
                    or r.params.frequency_penalty or r.params.json_schema is not None
+                   or wants_speculation(r, default_on)
                    for r in self.scheduler.running)
 
     def _launch(self, prev: StepResult | None) -> StepResult | None:
         """Schedule and execute one step (lazy: evaluation runs in the background). `prev`:
         the step still evaluating, whose sampled ids feed this step's decode rows."""
+        if prev is None:  # token values are all known: drafts can be looked up
+            self.speculator.propose(self.scheduler.running)
+        else:  # pipelined: no running request speculates (see _needs_host_values)
+            for req in self.scheduler.running:
+                req.spec_token_ids = []
         out = self.scheduler.schedule()
         if not out.scheduled:
             self.processor.advance(out)
@@ -186,8 +220,9 @@ class LLMEngine:
         logits = self.runner.forward(batch)
         step = StepResult(out.scheduled)
         step.rows = self._sample_rows(out.scheduled)
-        if not step.rows:  # only prefill chunks that do not reach the end
-            mx.async_eval(self.store.arrays())
+        logits, spec_arrays = self._verify(logits, out.scheduled, step)
+        if not step.rows:  # prefill chunks that do not reach the end, or only speculating
+            mx.async_eval(*spec_arrays, *self.store.arrays())
             return step
         logits = self._fork_logits(logits, step.rows)
         if self.logits_sink is not None:
@@ -202,8 +237,45 @@ class LLMEngine:
         if logprobs is not None:
             step.logprobs = _logprob_summary(logprobs, tokens, step.rows)
             arrays += step.logprobs
-        mx.async_eval(*arrays, *self.store.arrays())
+        mx.async_eval(*arrays, *spec_arrays, *self.store.arrays())
         return step
+
+    # -- speculative decoding (#18; drafts: mlxkv.speculative, verification: spec_verify) --
+    def _verify(self, logits: mx.array, scheduled: list[ScheduledSeq], step: StepResult):
+        """Split the logits into the plain sampled rows and the speculating sequences' rows;
+        verify the drafts lazily into `step.spec`. Returns (plain logits, arrays to eval)."""
+        if not any(s.num_draft_tokens for s in scheduled):
+            return logits, []
+        plain_rows, spec, num_logits = [], [], 0
+        for s in scheduled:
+            if not s.samples:
+                continue
+            req, k = s.request, s.num_draft_tokens
+            if k:
+                drafts = req.spec_token_ids[:k]
+                spec.append((DraftRows(req.params, req.seed, req.num_output_tokens, drafts),
+                             num_logits))
+            else:
+                plain_rows.append(num_logits)
+            num_logits += 1 + k
+        plain, spec_logits, verdicts = split_and_verify(logits, plain_rows, spec)
+        arrays = [spec_logits, *verdicts]
+        logprobs = None
+        if any(row.params.logprobs is not None for row, _ in spec):
+            lp = spec_logits - mx.logsumexp(spec_logits, axis=-1, keepdims=True)
+            k = max(row.params.logprobs or 0 for row, _ in spec)
+            top_ids = mx.argsort(-lp, axis=-1)[:, :k]
+            logprobs = (lp, top_ids, mx.take_along_axis(lp, top_ids, axis=-1))
+            arrays += logprobs
+        step.spec = [(s.request, row.drafts) for s, (row, _) in
+                     zip([s for s in scheduled if s.num_draft_tokens], spec, strict=True)]
+        step.spec_logits, step.spec_verdicts, step.spec_logprobs = (spec_logits, verdicts,
+                                                                    logprobs)
+        return plain, arrays
+
+    def _sink(self, request_ids: list[str], logits: mx.array) -> None:
+        if self.logits_sink is not None:
+            self.logits_sink(request_ids, logits)
 
     def _copy_blocks(self, scheduled: list[ScheduledSeq]) -> None:
         """One batched COW copy per layer group for the whole step, before its writes."""
@@ -218,19 +290,21 @@ class LLMEngine:
         for s in scheduled:
             req, end = s.request, s.start + s.num_new_tokens
             rid = req.request_id
-            ids = req.token_ids[s.start : end]
-            if len(ids) < s.num_new_tokens:  # the last input is in flight (prev's row)
+            ids = req.token_ids[s.start : s.start + s.num_known_tokens]
+            if len(ids) < s.num_known_tokens:  # the last input is in flight (prev's row)
                 deferred.append((num_flat + len(ids), prev.row_of[rid]))
                 ids.append(0)
+            ids += req.spec_token_ids[: s.num_draft_tokens]  # verified as extra rows
             entries.append(SeqEntry(ids, s.start, self.cache.slot_arrays(rid, s.start, end),
-                                    self.cache.block_table_arrays(rid), s.samples))
+                                    self.cache.block_table_arrays(rid), s.samples,
+                                    1 + s.num_draft_tokens))
             num_flat += s.num_new_tokens
         return entries, deferred
 
     @staticmethod
     def _sample_rows(scheduled: list[ScheduledSeq]) -> list[tuple[Request, int]]:
         """Sampled rows: each sampling sequence, then the fork rows of fresh n > 1 prefills."""
-        rows = [(s.request, 0) for s in scheduled if s.samples]
+        rows = [(s.request, 0) for s in scheduled if s.samples and not s.num_draft_tokens]
         forks = []
         for req, _ in rows:
             if req.params.n > 1 and not req.forked and req.index == 0:
@@ -261,9 +335,11 @@ class LLMEngine:
         return stats
 
     def metrics(self) -> dict:
-        return {**self.stats, "preemptions": self.scheduler.num_preemptions,
+        return {**self.stats, **self.speculator.counters,
+                "preemptions": self.scheduler.num_preemptions,
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "ttft": list(self.ttft), "itl": list(self.itl)}
+                "ttft": list(self.ttft), "itl": list(self.itl),
+                "spec_acceptance": list(self.spec_acceptance)}
 
 
 def _logprob_summary(logprobs: mx.array, tokens: mx.array, rows) -> tuple:

@@ -4,6 +4,7 @@
     input_ids      [ a5 a6 a7 | b12 ]          query_start_loc [0, 3, 4]
     positions      [  5  6  7 |  12 ]          seq_lens        [8, 13]  (context after step)
     slot_mapping[g][ s  s  s  |  s  ]          logits_indices  [2, 3]   (last token of samplers)
+A speculating sequence samples its last `num_logits` tokens (1 + its drafts).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class SeqEntry:
     slot_mapping: Sequence[Sequence[int]]  # per group, one slot per new token (list or array)
     block_tables: Sequence[Sequence[int]]  # per group, block ids covering the context
     sample: bool = True  # whether the last token's logits are needed
+    num_logits: int = 1  # when sampling, logits of this many last tokens (speculative rows)
 
 
 @dataclass(slots=True)
@@ -40,6 +42,7 @@ class BatchInputs:
     seq_lens_list: list[int]
     start_positions: list[int]
     num_blocks_list: list[list[int]]  # per group, per seq: table length
+    num_logits_list: list[int]  # per seq: rows whose logits are returned (0: none)
     memo: dict = field(default_factory=dict)  # per-forward values shared by layers (masks)
 
     @property
@@ -79,7 +82,7 @@ def build_batch(entries: Sequence[SeqEntry]) -> BatchInputs:
         starts.append(starts[-1] + n)
         lens.append(e.start_pos + n)
         if e.sample:
-            logits_idx.append(starts[-1] - 1)
+            logits_idx.extend(range(starts[-1] - e.num_logits, starts[-1]))
     return BatchInputs(
         input_ids=mx.array(ids, dtype=mx.int32),
         positions=mx.array(positions, dtype=mx.int32),
@@ -91,4 +94,5 @@ def build_batch(entries: Sequence[SeqEntry]) -> BatchInputs:
         seq_lens_list=lens,
         start_positions=[e.start_pos for e in entries],
         num_blocks_list=[[len(e.block_tables[g]) for e in entries] for g in range(num_groups)],
+        num_logits_list=[e.num_logits if e.sample else 0 for e in entries],
     )

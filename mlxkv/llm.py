@@ -80,11 +80,12 @@ class LLM:
         """Yield (text_delta, stats) pairs; the last stats hold prompt/decode throughput."""
         start = time.perf_counter()
         first = None
-        num_prompt = num_gen = 0
+        num_prompt = num_gen = num_drafts = num_accepted = 0
         for out in self.stream(prompt, params):
             if first is None:
                 first = time.perf_counter()
             num_prompt, num_gen = out.num_prompt_tokens, out.num_generated_tokens
+            num_drafts, num_accepted = out.num_draft_tokens, out.num_accepted_tokens
             yield out.new_text, {}
         end = time.perf_counter()
         first = first or end
@@ -94,4 +95,6 @@ class LLM:
             "prompt_tps": num_prompt / max(first - start, 1e-9),
             "decode_tps": max(num_gen - 1, 0) / max(end - first, 1e-9),
             "ttft_s": first - start,
+            "num_draft_tokens": num_drafts,
+            "num_accepted_tokens": num_accepted,
         }

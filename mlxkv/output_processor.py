@@ -7,8 +7,11 @@ token per sampled row, the prefix hit at first admission, the reset of a preempt
 request) and commits the full blocks whose tokens are already known. `update` takes a finished step's sampled ids to the host and, per row: makes
 the n > 1 forks (sharing the parent's blocks), appends the token, records logprobs, checks
 stops (eos, stop ids, max_tokens, max_model_len, stop strings), detokenizes and frees
-finished requests; full computed blocks are committed to the prefix index first. No
-other module writes these fields of a Request.
+finished requests; full computed blocks are committed to the prefix index first. A
+speculating sequence's verdicts are resolved here too: its accepted drafts and the
+correction or bonus token are appended in order, the accepted drafts count as computed,
+and the rejected drafts' slots are trimmed. No other module writes these fields of a
+Request.
 
 Update of step N may run after step N + 1 was launched (LLMEngine pipelines), so a
 request finished here may still own a row of the step in flight: that row is dropped.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mlxkv.cache_manager import KVCacheManager
@@ -25,6 +29,8 @@ from mlxkv.detokenizer import Detokenizer
 from mlxkv.outputs import RequestOutput, TokenLogprob
 from mlxkv.request import Request, RequestStatus
 from mlxkv.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from mlxkv.spec_verify import accepted_tokens
+from mlxkv.speculative import Speculator
 from mlxkv.structured import StructuredOutputs
 
 _FINISH = {
@@ -48,6 +54,13 @@ class StepResult:
     token_ids: object = None  # mx.array [S] int32
     logprobs: tuple | None = None  # (chosen [S], top ids [S, K], top values [S, K]) arrays
     row_of: dict[str, int] = field(default_factory=dict)  # request_id -> its own row
+    # Speculating sequences (not in `rows`): (request, drafts) with their verification
+    # rows' logits, lazy verdicts [accept_0, alt_0, ...] (mlxkv.spec_verify) and logprobs
+    # (full [R, V], top ids [R, K], top values [R, K]) or None.
+    spec: list[tuple[Request, list[int]]] = field(default_factory=list)
+    spec_logits: object = None
+    spec_verdicts: list = field(default_factory=list)
+    spec_logprobs: tuple | None = None
 
 
 def advance_progress(out: SchedulerOutput) -> None:
@@ -58,7 +71,7 @@ def advance_progress(out: SchedulerOutput) -> None:
         req = s.request
         if req.num_cached_tokens < 0:  # first admission (not a failed try, not a resume)
             req.num_cached_tokens = s.start
-        req.num_computed_tokens = s.start + s.num_new_tokens
+        req.num_computed_tokens = s.start + s.num_known_tokens  # drafts: once accepted
         if s.samples:
             req.num_inflight_tokens += 1
 
@@ -75,8 +88,10 @@ class OutputProcessor:
     """Turns finished steps into request state and RequestOutput deltas."""
 
     def __init__(self, scheduler: Scheduler, cache: KVCacheManager, tokenizer,
-                 structured: StructuredOutputs | None = None):
+                 structured: StructuredOutputs | None = None,
+                 speculator: Speculator | None = None):
         self.scheduler = scheduler
+        self.speculator = speculator  # acceptance statistics of speculating requests
         self.structured = structured  # grammar state of constrained requests (advanced here)
         self.cache = cache
         self.tokenizer = tokenizer
@@ -86,6 +101,9 @@ class OutputProcessor:
                       "cached_tokens": 0, "steps": 0, "errors": 0}
         self.ttft: deque[float] = deque(maxlen=4096)
         self.itl: deque[float] = deque(maxlen=4096)
+        self.spec_acceptance: deque[float] = deque(maxlen=4096)  # per finished request
+        # sink(request_ids, logits) for the verification rows whose tokens are emitted
+        self.logits_sink: Callable[[list[str], object], None] | None = None
         self._pending: list[RequestOutput] = []
 
     def add(self, req: Request) -> None:
@@ -138,7 +156,56 @@ class OutputProcessor:
                 outputs.append(self._append(req, token_ids[i], lp, now))
             except Exception as exc:
                 self.fail(req, f"{type(exc).__name__}: {exc}")
+        if step.spec:
+            outputs += self._update_spec(step, now)
         return outputs + self.take_pending()
+
+    def _update_spec(self, step: StepResult, now: float) -> list[RequestOutput]:
+        """Speculating sequences: emit the accepted drafts and the correction or bonus
+        token, count the accepted drafts as computed, trim the rejected drafts' slots."""
+        verdicts = [v.tolist() for v in step.spec_verdicts]
+        lps = step.spec_logprobs
+        outputs, row = [], 0
+        for n, (req, drafts) in enumerate(step.spec):
+            first, row = row, row + len(drafts) + 1
+            req.num_inflight_tokens -= 1
+            if req.is_finished:
+                continue  # aborted while the step was in flight
+            token_ids = accepted_tokens(drafts, verdicts[2 * n], verdicts[2 * n + 1])
+            if self.speculator is not None:
+                self.speculator.record(req, len(drafts), len(token_ids) - 1)
+            if self.logits_sink is not None:
+                self.logits_sink([req.request_id] * len(token_ids),
+                                 step.spec_logits[first : first + len(token_ids)])
+            try:
+                req.num_computed_tokens += len(token_ids) - 1
+                self.cache.trim(req.request_id, req.num_computed_tokens)
+                self.cache.commit(req.request_id, req.token_ids + token_ids[:-1],
+                                  req.num_computed_tokens)
+                outputs.append(self._append_all(req, token_ids, lps, first, now))
+            except Exception as exc:
+                self.fail(req, f"{type(exc).__name__}: {exc}")
+        return outputs
+
+    def _append_all(self, req: Request, token_ids: list[int], lps, first: int,
+                    now: float) -> RequestOutput:
+        """Append tokens in order until one finishes the request; one merged delta."""
+        parts = []
+        for i, token in enumerate(token_ids):
+            lp = None
+            if lps is not None and req.params.logprobs is not None:
+                full, top_ids, top_values = lps
+                r = first + i
+                lp = (full[r, token].item(), top_ids[r].tolist(), top_values[r].tolist())
+            parts.append(self._append(req, token, lp, now))
+            if req.is_finished:
+                break
+        last = parts[-1]
+        last.new_token_ids = [t for p in parts for t in p.new_token_ids]
+        last.new_text = "".join(p.new_text for p in parts)
+        if any(p.logprobs for p in parts):
+            last.logprobs = [lp for p in parts for lp in p.logprobs or []]
+        return last
 
     def _fetch(self, step: StepResult) -> tuple[list[int], list | None]:
         """The step's sampled ids (and logprob summaries) on the host: waits for the step."""
@@ -148,7 +215,7 @@ class OutputProcessor:
     def _commit(self, s: ScheduledSeq) -> None:
         req = s.request
         if req.status is RequestStatus.RUNNING and self.cache.has_request(req.request_id):
-            self.cache.commit(req.request_id, req.token_ids, s.start + s.num_new_tokens)
+            self.cache.commit(req.request_id, req.token_ids, s.start + s.num_known_tokens)
 
     def make_fork(self, parent: Request, i: int) -> Request:
         """Child i of an n > 1 request, sharing every block of the parent's prompt (a child
@@ -231,6 +298,7 @@ class OutputProcessor:
             num_prompt_tokens=req.num_prompt_tokens,
             num_cached_tokens=max(0, req.num_cached_tokens),
             num_generated_tokens=len(req.output_token_ids), error=req.error,
+            num_draft_tokens=req.spec.num_proposed, num_accepted_tokens=req.spec.num_accepted,
         )
 
     def finish(self, req: Request, status: RequestStatus, emit: bool = True) -> None:
@@ -239,6 +307,8 @@ class OutputProcessor:
             return
         self.scheduler.finish(req, status)
         self.stats["cached_tokens"] += max(0, req.num_cached_tokens)
+        if req.spec.num_proposed:
+            self.spec_acceptance.append(req.spec.num_accepted / req.spec.num_proposed)
         self.detokenizers.pop(req.request_id, None)
         if self.structured is not None:
             self.structured.release(req.request_id)

@@ -35,3 +35,5 @@ class RequestOutput:
     num_cached_tokens: int = 0
     num_generated_tokens: int = 0
     error: str | None = None
+    num_draft_tokens: int = 0  # speculative draft tokens verified so far
+    num_accepted_tokens: int = 0  # of which accepted

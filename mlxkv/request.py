@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from mlxkv.sampling import SamplingParams
+from mlxkv.speculative import SpecState
 
 
 class RequestStatus(enum.Enum):
@@ -61,6 +62,8 @@ class Request:
     forked: bool = False  # n > 1: its fork rows have been sampled
     seed: int = 0  # sampling seed (params.seed or one drawn by the engine)
     _token_ids: list[int] = field(default_factory=list, init=False, repr=False)
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts for the next step
+    spec: SpecState = field(default_factory=SpecState)  # speculation counters
 
     def __post_init__(self) -> None:
         self.user_id = self.user_id or self.request_id

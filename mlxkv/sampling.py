@@ -45,6 +45,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     json_schema: str | None = None  # JSON Schema text the output must match (mlxkv.structured)
+    speculative: bool | None = None  # None: the engine's default (--speculative)
 
     def __post_init__(self) -> None:
         _require(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1")
@@ -62,6 +63,8 @@ class SamplingParams:
         _require(
             all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"
         )
+        _require(self.speculative in (None, True, False), "speculative",
+                 "must be true, false or null")
         _require(
             all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
             "stop_token_ids",

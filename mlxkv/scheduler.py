@@ -35,12 +35,19 @@ class ScheduledSeq:
     num_new_tokens: int
     allocation: Allocation
     start: int = -1  # tokens already computed (-1: the request's num_computed_tokens)
+    num_draft_tokens: int = 0  # of num_new_tokens, speculative drafts (request.spec_token_ids)
     samples: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         if self.start < 0:
             self.start = self.request.num_computed_tokens
-        self.samples = self.start + self.num_new_tokens == self.request.num_tokens
+        end = self.start + self.num_new_tokens - self.num_draft_tokens
+        self.samples = end == self.request.num_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """The chunk's tokens that are not drafts (the ones computed for sure)."""
+        return self.num_new_tokens - self.num_draft_tokens
 
 
 @dataclass(slots=True)
@@ -101,10 +108,13 @@ class Scheduler:
         for req in list(self.running):
             if req.status is not RequestStatus.RUNNING or budget <= 0:  # preempted just now
                 continue
-            num_new = min(req.num_pending_tokens, budget)
+            num_new = min(req.num_pending_tokens + len(req.spec_token_ids), budget)
             if num_new <= 0:
                 continue
             alloc = self.cache.allocate_slots(req.request_id, num_new)
+            if alloc is None and num_new > req.num_pending_tokens:  # drop drafts, not others
+                num_new = req.num_pending_tokens
+                alloc = self.cache.allocate_slots(req.request_id, num_new)
             while alloc is None:
                 victim = self._pick_victim(scheduled_ids)
                 self._preempt(victim, out)
@@ -112,7 +122,8 @@ class Scheduler:
                     break
                 alloc = self.cache.allocate_slots(req.request_id, num_new)
             if alloc is not None:
-                out.scheduled.append(ScheduledSeq(req, num_new, alloc))
+                num_drafts = max(0, num_new - req.num_pending_tokens)
+                out.scheduled.append(ScheduledSeq(req, num_new, alloc, num_draft_tokens=num_drafts))
                 scheduled_ids.add(req.request_id)
                 budget -= num_new
         return budget

@@ -7,10 +7,14 @@ from collections.abc import Iterable
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-def _histogram(name: str, help_text: str, samples: Iterable[float]) -> list[str]:
+_RATE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def _histogram(name: str, help_text: str, samples: Iterable[float],
+               buckets: tuple[float, ...] = _BUCKETS) -> list[str]:
     samples = list(samples)
     lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-    for b in _BUCKETS:
+    for b in buckets:
         lines.append(f'{name}_bucket{{le="{b}"}} {sum(s <= b for s in samples)}')
     lines.append(f'{name}_bucket{{le="+Inf"}} {len(samples)}')
     lines.append(f"{name}_sum {sum(samples):.6f}")
@@ -32,6 +36,8 @@ def render(metrics: dict, cache: dict, http_counts: dict[int, int]) -> str:
         "cached_tokens": "prompt tokens served from the prefix cache",
         "preemptions": "requests preempted (recomputed) for lack of KV blocks",
         "errors": "requests failed inside the engine",
+        "spec_proposed_tokens": "speculative draft tokens verified",
+        "spec_accepted_tokens": "speculative draft tokens accepted",
     }
     for key, text in counters.items():
         lines += _gauge(f"mlxkv_{key}_total", text, metrics.get(key, 0), "counter")
@@ -41,6 +47,9 @@ def render(metrics: dict, cache: dict, http_counts: dict[int, int]) -> str:
                         metrics.get("ttft", []))
     lines += _histogram("mlxkv_inter_token_latency_seconds", "inter-token latency",
                         metrics.get("itl", []))
+    lines += _histogram("mlxkv_spec_acceptance_rate", "per finished request, accepted / "
+                        "verified speculative draft tokens", metrics.get("spec_acceptance", []),
+                        _RATE_BUCKETS)
     for key in ("blocks_total", "blocks_used", "blocks_cached", "blocks_free"):
         lines += _gauge(f"mlxkv_cache_{key}", f"KV cache {key.replace('_', ' ')}",
                         cache.get(key, 0))

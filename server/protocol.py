@@ -72,6 +72,7 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     user: str | None = None
     response_format: dict[str, Any] | None = None
+    speculative: bool | None = None  # extension: speculative decoding on/off (None: server)
 
     def _stop_list(self, limits: ServerConfig) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -108,6 +109,7 @@ class _Sampling(BaseModel):
             logprobs=logprobs,
             n=self.n,
             json_schema=json_schema,
+            speculative=self.speculative,
         )
 
 

@@ -49,10 +49,18 @@ def completion_logprobs(tokenizer, items: list[TokenLogprob] | None, offset: int
             "text_offset": offsets}
 
 
-def usage(num_prompt: int, num_completion: int, num_cached: int) -> dict[str, Any]:
-    return {"prompt_tokens": num_prompt, "completion_tokens": num_completion,
+def usage(num_prompt: int, num_completion: int, num_cached: int,
+          speculative: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    """OpenAI usage; `speculative` (draft tokens verified, accepted), when any, adds the
+    extension "speculative": {"draft_tokens", "accepted_tokens", "acceptance_rate"}."""
+    body = {"prompt_tokens": num_prompt, "completion_tokens": num_completion,
             "total_tokens": num_prompt + num_completion,
             "prompt_tokens_details": {"cached_tokens": num_cached}}
+    num_drafts, num_accepted = speculative
+    if num_drafts:
+        body["speculative"] = {"draft_tokens": num_drafts, "accepted_tokens": num_accepted,
+                               "acceptance_rate": round(num_accepted / num_drafts, 4)}
+    return body
 
 
 class ChoiceState:

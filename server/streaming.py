@@ -36,14 +36,18 @@ class _Usage:
         self.n = n
         self.prompts: dict[int, tuple[int, int]] = {}
         self.generated: dict[int, int] = {}
+        self.drafted: dict[int, tuple[int, int]] = {}  # speculative (drafts, accepted)
 
     def add(self, out: RequestOutput) -> None:
         self.prompts[out.index // self.n] = (out.num_prompt_tokens, out.num_cached_tokens)
         self.generated[out.index] = out.num_generated_tokens
+        self.drafted[out.index] = (out.num_draft_tokens, out.num_accepted_tokens)
 
     def body(self) -> dict:
+        drafted = (sum(d for d, _ in self.drafted.values()),
+                   sum(a for _, a in self.drafted.values()))
         return usage(sum(p for p, _ in self.prompts.values()), sum(self.generated.values()),
-                     sum(c for _, c in self.prompts.values()))
+                     sum(c for _, c in self.prompts.values()), drafted)
 
 
 def _chat_chunks(engine, request_id: str, out: RequestOutput, parser) -> list[dict]:

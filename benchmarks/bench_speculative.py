@@ -1,0 +1,230 @@
+"""Speculative decoding (prompt lookup) vs plain decoding, same engine, same run.
+
+Tasks: "grounded" (rewrite a given Jane Austen passage with one change, or edit a code
+file: the answer mostly copies the input, so n-gram drafts from the prompt pay) and
+"free" (open-ended writing: little to look up). Each task runs at 1 and 8 concurrent
+requests, greedy, both sides on the same prompts, repeats alternating which side goes
+first. Greedy speculation is exact, so both sides generate the same tokens (checked).
+Metric: decode tokens/s, i.e. tokens generated after every request of the round has its
+first token, over the time from then to the end (prefill is the same on both sides).
+
+Also measured: the cost of one forward step against the number of query rows in it
+(decode rows of 8 sequences, 1..9 rows each), the curve behind the sizing policy
+(mlxkv.speculative: rows up to `free_rows` per step cost about one; beyond, each costs its
+compute and the batch does not speculate).
+
+    python benchmarks/bench_speculative.py                       # SmolLM2, ~10 minutes
+    python benchmarks/bench_speculative.py --quick               # tiny random model
+"""
+
+# ruff: noqa: I001  (benchmarks/_common must be imported before mlx: it preloads OpenBLAS)
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from _common import RESULTS, bar_plot, header, load_model_for, print_header, write_json
+from _corpus import austen
+
+CODE_FILE = Path(__file__).parents[1] / "mlxkv" / "prefix.py"
+
+
+def grounded_prompts(tokenizer, num: int, passage_chars: int) -> list[str]:
+    """Rewrite-a-passage and edit-a-code-file requests (alternating)."""
+    text = austen("prideprejudice")
+    code = CODE_FILE.read_text()
+    out = []
+    for i in range(num):
+        if i % 2:
+            start = (i * 997) % max(1, len(code) - passage_chars)
+            body = code[start : start + passage_chars]
+            out.append("Rename the variable `block_id` to `bid` in this Python code and "
+                       f"return the whole edited code:\n\n```python\n{body}\n```")
+        else:
+            start = 20000 + i * 7919
+            body = text[start : start + passage_chars]
+            out.append("Rewrite the following passage, replacing every name with "
+                       f"'Anna' and changing nothing else:\n\n{body}")
+    return [_chat(tokenizer, p) for p in out]
+
+
+FREE = ["Write a short story about a lighthouse keeper who finds a message in a bottle.",
+        "Describe your ideal weekend in the mountains in detail.",
+        "Explain to a child how rain forms, with an example.",
+        "Write a letter to a friend about learning to bake bread.",
+        "Invent a new board game and explain its rules.",
+        "Tell a story about a robot that wants to become a gardener.",
+        "Describe a busy market in a city you imagine.",
+        "Write a diary entry of a sailor crossing the ocean."]
+
+
+def free_prompts(tokenizer, num: int) -> list[str]:
+    return [_chat(tokenizer, FREE[i % len(FREE)]) for i in range(num)]
+
+
+def _chat(tokenizer, text: str):
+    if tokenizer is None:  # --quick: the tiny model has no tokenizer
+        return [(7 * ord(c) + 3) % 500 + 1 for c in text[:200]]
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                              add_generation_prompt=True))
+
+
+def decode_round(engine, prompts, params) -> dict:
+    """Run the prompts together; decode tokens/s after the last first token."""
+    from mlxkv.sampling import SamplingParams  # noqa: F401  (type of params)
+
+    for i, p in enumerate(prompts):
+        engine.add_request(f"b{i}", p, params)
+    tokens: dict[str, list[int]] = {f"b{i}": [] for i in range(len(prompts))}
+    t_all_first = None
+    after_first = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+            if t_all_first is not None:
+                after_first += len(out.new_token_ids)
+        if t_all_first is None and all(tokens.values()):
+            t_all_first = time.perf_counter()
+    elapsed = time.perf_counter() - t_all_first
+    return {"tok_s": after_first / elapsed, "tokens_after_first": after_first,
+            "seconds": elapsed, "token_ids": [tokens[f"b{i}"] for i in range(len(prompts))]}
+
+
+def measure_task(engines: dict, prompts: list, params, repeats: int) -> dict:
+    """Both sides on the same prompts, alternating order; medians of tokens/s."""
+    runs: dict[str, list[dict]] = {side: [] for side in engines}
+    for rep in range(repeats):
+        order = list(engines) if rep % 2 == 0 else list(engines)[::-1]
+        for side in order:
+            engine = engines[side]
+            engine.cache.evict_all_cached()  # no side reuses the other's prefix blocks
+            runs[side].append(decode_round(engine, prompts, params))
+    same = runs["plain"][-1]["token_ids"] == runs["speculative"][-1]["token_ids"]
+    spec = engines["speculative"].speculator.counters
+    out = {side: statistics.median(r["tok_s"] for r in rs) for side, rs in runs.items()}
+    return {"plain_tok_s": out["plain"], "speculative_tok_s": out["speculative"],
+            "ratio": out["speculative"] / out["plain"], "identical_tokens": same,
+            "acceptance": spec["spec_accepted_tokens"] / max(1, spec["spec_proposed_tokens"]),
+            "tokens_per_step_seq": None,
+            "runs": {side: [{k: v for k, v in r.items() if k != "token_ids"} for r in rs]
+                     for side, rs in runs.items()}}
+
+
+def row_cost(runner_engine, rows_per_seq=(1, 2, 3, 5, 9), num_seqs: int = 8,
+             context: int = 256, repeats: int = 5) -> list[dict]:
+    """Forward-step time of num_seqs sequences with r query rows each (interleaved)."""
+    import mlx.core as mx
+
+    from mlxkv.inputs import SeqEntry, build_batch
+
+    engine = runner_engine
+    cache, runner = engine.cache, engine.runner
+    ids = [f"rc{i}" for i in range(num_seqs)]
+    top = max(rows_per_seq)
+    for n, rid in enumerate(ids):
+        cache.lookup(rid, [])
+        cache.allocate_slots(rid, context + top)
+        toks = [(7 * i + n) % 400 + 1 for i in range(context)]
+        entry = SeqEntry(toks, 0, cache.slot_mapping(rid, 0, context), cache.block_tables(rid))
+        mx.eval(runner.forward(build_batch([entry])), engine.store.arrays())
+
+    def step(r: int) -> float:
+        entries = [SeqEntry([5] * r, context, cache.slot_mapping(rid, context, context + r),
+                            cache.block_tables(rid), True, r) for rid in ids]
+        start = time.perf_counter()
+        mx.eval(runner.forward(build_batch(entries)), engine.store.arrays())
+        return time.perf_counter() - start
+
+    times: dict[int, list[float]] = {r: [] for r in rows_per_seq}
+    for _ in range(repeats):
+        for r in rows_per_seq:
+            times[r].append(step(r))
+    for rid in ids:
+        cache.free(rid)
+    base = statistics.median(times[rows_per_seq[0]])
+    return [{"rows_per_seq": r, "rows": r * num_seqs, "step_ms": statistics.median(t) * 1e3,
+             "vs_one_row": statistics.median(t) / base} for r, t in times.items()]
+
+
+def fit_r0(curve: list[dict]) -> float:
+    """R0 of step_time ~ t1 * (R0 + rows): least squares over the curve."""
+    xs, ys = [c["rows"] for c in curve], [c["step_ms"] for c in curve]
+    mx_, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx_) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx_) ** 2 for x in xs)
+    return (my - slope * mx_) / slope if slope > 0 else float("inf")
+
+
+def build_engines(loaded, args) -> dict:
+    from mlxkv.config import CacheConfig, EngineConfig, SpeculativeConfig
+    from mlxkv.llm import LLM
+
+    base = EngineConfig(cache=CacheConfig(memory_budget_bytes=args.kv_memory))
+    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=args.k,
+                             free_rows=args.free_rows)
+    return {"plain": LLM(base, loaded=loaded).engine,
+            "speculative": LLM(replace(base, speculative=spec), loaded=loaded).engine}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--tasks", nargs="+", default=["grounded", "free"])
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--passage-chars", type=int, default=600)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--k", type=int, default=8, help="num_speculative_tokens")
+    p.add_argument("--free-rows", type=float, default=8.0)
+    p.add_argument("--kv-memory", type=int, default=256 << 20)
+    p.add_argument("--no-row-cost", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.max_tokens, args.concurrency, args.repeats = 16, [1, 2], 1
+        args.passage_chars = 120
+    if not args.quick and args.model is None:
+        args.model = "smollm2-135m-instruct"
+    loaded, name = load_model_for(args)
+    from mlxkv.sampling import SamplingParams
+
+    tokenizer = loaded[1] if isinstance(loaded, tuple) else loaded.tokenizer
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
+    result = header(name, "float32", settings)
+    print_header(result)
+    engines = build_engines(loaded, args)
+    rows = []
+    for task in args.tasks:
+        for conc in args.concurrency:
+            prompts = (grounded_prompts(tokenizer, conc, args.passage_chars)
+                       if task == "grounded" else free_prompts(tokenizer, conc))
+            for e in engines.values():
+                for key in e.speculator.counters:
+                    e.speculator.counters[key] = 0
+            r = measure_task(engines, prompts, params, args.repeats)
+            rows.append({"task": task, "concurrency": conc, **r})
+            print(f"{task:>8} x{conc}: plain {r['plain_tok_s']:6.1f} tok/s, speculative "
+                  f"{r['speculative_tok_s']:6.1f} tok/s, ratio {r['ratio']:.2f}, acceptance "
+                  f"{r['acceptance']:.2f}, identical {r['identical_tokens']}", flush=True)
+    result["rows"] = rows
+    if not args.no_row_cost:
+        curve = row_cost(engines["plain"], context=64 if args.quick else 256)
+        result["row_cost"] = {"curve": curve, "r0_rows": fit_r0(curve)}
+        print("row cost (8 seqs):", ", ".join(f"{c['rows']} rows {c['step_ms']:.0f} ms"
+                                              for c in curve), f"-> R0 {fit_r0(curve):.1f}")
+    out_dir = Path(args.out) if args.out else RESULTS
+    stem = "speculative_quick" if args.quick else "speculative"
+    write_json(stem, result, out_dir)
+    bar_plot(out_dir / f"{stem}.png", f"speculative / plain decode tokens/s ({name})",
+             {f"{t}": {f"x{r['concurrency']}": r["ratio"] for r in rows if r["task"] == t}
+              for t in args.tasks})
+    return result
+
+
+if __name__ == "__main__":
+    main()

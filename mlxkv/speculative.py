@@ -1,0 +1,168 @@
+"""Speculative decoding policy (pure Python, no mx): the prompt-lookup drafter and draft sizing.
+
+Before each step the engine asks `Speculator.propose` for drafts: every running request in
+decode state that speculates gets up to k guessed continuation tokens in
+`request.spec_token_ids`. The scheduler only counts them (1 + k query rows); verification
+(mlxkv.spec_verify) accepts a prefix of them, and the engine trims the rejected ones from the
+block table. Invariants:
+
+  * drafts are never part of `token_ids` and are never committed to the prefix cache;
+  * a draft never reaches past the request's token limit: accepting every draft and the
+    bonus token yields at most the tokens `max_tokens` / `max_model_len` still allow;
+  * requests whose sampling depends on earlier tokens of the same step (repetition,
+    presence and frequency penalties) never speculate.
+
+Draft sizing (a roofline): a step of `rows` query rows costs about max(F, rows) row-times,
+where F (`SpeculativeConfig.free_rows`) is how many rows fit in the time of streaming the
+weights once (memory-bound: rows up to F cost the same as one). A draft accepted with
+probability g adds g expected tokens and one row. Drafts are taken in order of g (a
+per-request acceptance estimate to the power of the draft position) while they raise
+tokens / cost and g >= MIN_GAIN:
+
+    rows + 1 <= F   the row is free: take it
+    rows + 1 >  F   it costs its compute: take it iff g * rows > expected tokens (never
+                    for a batch of decode rows, whose rows each yield a token already)
+
+So a lone stream drafts up to F - 1 deep, and a batch that already fills F rows (this
+CPU's compute-bound point) does not speculate at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+
+from mlxkv.config import SpeculativeConfig
+
+MIN_GAIN = 0.1  # a draft position accepted with a lower probability is not worth its row
+
+if TYPE_CHECKING:
+    from mlxkv.request import Request
+
+
+@dataclass(slots=True)
+class SpecState:
+    """One request's speculation counters and acceptance estimate."""
+
+    num_proposed: int = 0  # draft tokens verified so far
+    num_accepted: int = 0  # of which accepted
+    num_steps: int = 0  # verification steps
+    decayed_accepted: float = 0.0  # exponentially decayed per-token acceptance counts
+    decayed_trials: float = 0.0
+
+    @property
+    def acceptance(self) -> float:
+        """Estimated probability that the next draft token is accepted (prior 1/2)."""
+        return (self.decayed_accepted + 1.0) / (self.decayed_trials + 2.0)
+
+    def record(self, num_drafts: int, num_accepted: int, decay: float) -> None:
+        """Account one verification: num_accepted of num_drafts draft tokens accepted."""
+        trials = num_accepted + (1 if num_accepted < num_drafts else 0)
+        self.decayed_accepted = decay * self.decayed_accepted + num_accepted
+        self.decayed_trials = decay * self.decayed_trials + trials
+        self.num_proposed += num_drafts
+        self.num_accepted += num_accepted
+        self.num_steps += 1
+
+
+def ngram_propose(token_ids: Sequence[int], max_drafts: int, min_n: int = 1,
+                  max_n: int = 4) -> list[int]:
+    """Prompt lookup: continue the last n-gram the way its latest earlier occurrence did.
+
+    Tries n = max_n down to min_n; for the first n whose last n tokens occur earlier in
+    token_ids, returns up to max_drafts tokens that followed the latest such occurrence.
+
+        token_ids  a b c d x y b c ?        last 2-gram "b c" occurred at 1..2
+        drafts           d x y b c           (the tokens after it, at most max_drafts)
+
+    Returns [] when nothing matches or max_drafts <= 0.
+    """
+    num_tokens = len(token_ids)
+    if max_drafts <= 0:
+        return []
+    for n in range(min(max_n, num_tokens - 1), min_n - 1, -1):
+        suffix = list(token_ids[num_tokens - n :])
+        first = suffix[0]
+        # latest start i < num_tokens - n with token_ids[i:i+n] == suffix
+        for i in range(num_tokens - n - 1, -1, -1):
+            if token_ids[i] == first and list(token_ids[i : i + n]) == suffix:
+                return list(token_ids[i + n : i + n + max_drafts])
+    return []
+
+
+def max_drafts_allowed(request: Request, k_max: int) -> int:
+    """Drafts the request may verify now: accepted drafts plus the bonus token must fit."""
+    remaining = request.max_total_tokens - request.num_tokens
+    if request.params.max_tokens is not None:
+        remaining = min(remaining, request.params.max_tokens - len(request.output_token_ids))
+    return max(0, min(k_max, remaining - 1))
+
+
+def wants_speculation(request: Request, default_on: bool) -> bool:
+    """Whether the request speculates when in decode state (opted in, no penalties, no
+    JSON-schema mask: those sample one row at a time from the previous tokens)."""
+    p = request.params
+    wanted = default_on if p.speculative is None else p.speculative
+    return bool(wanted and p.repetition_penalty == 1.0 and not p.presence_penalty
+                and not p.frequency_penalty and p.json_schema is None)
+
+
+def can_speculate(request: Request, default_on: bool) -> bool:
+    """Whether the request speculates this step (decode state and `wants_speculation`)."""
+    return (wants_speculation(request, default_on) and request.num_pending_tokens == 1
+            and request.num_computed_tokens > 0)
+
+
+class Speculator:
+    """Proposes drafts for a batch and keeps the acceptance statistics."""
+
+    def __init__(self, config: SpeculativeConfig,
+                 drafter: Callable[[Sequence[int], int], list[int]] | None = None):
+        """`drafter(token_ids, max_drafts)` -> drafts; default: `ngram_propose` with the
+        config's n-gram sizes (tests pass oracle drafters)."""
+        self.config = config
+        self.default_on = config.method == "ngram"
+        self.drafter = drafter or partial(ngram_propose, min_n=config.ngram_min,
+                                          max_n=config.ngram_max)
+        self.counters = {"spec_proposed_tokens": 0, "spec_accepted_tokens": 0,
+                         "spec_steps": 0}
+
+    def propose(self, running: Sequence[Request]) -> None:
+        """Set `spec_token_ids` of every running request (empty when it does not speculate)."""
+        c = self.config
+        candidates: list[tuple[float, Request, list[int]]] = []
+        for req in running:
+            req.spec_token_ids = []
+            if not can_speculate(req, self.default_on):
+                continue
+            drafts = self.drafter(req.token_ids, max_drafts_allowed(req, c.num_speculative_tokens))
+            if drafts:
+                candidates.append((req.spec.acceptance, req, drafts))
+        self._size_drafts(candidates, num_rows=len(running))
+
+    def _size_drafts(self, candidates, num_rows: int) -> None:
+        """Give each candidate the drafts that pay for their rows (module docstring)."""
+        gains = [(alpha**j, n, j) for n, (alpha, _, drafts) in enumerate(candidates)
+                 for j in range(1, len(drafts) + 1)]
+        gains.sort(key=lambda g: -g[0])
+        rows, tokens = float(num_rows), float(num_rows)
+        take = [0] * len(candidates)
+        free = self.config.free_rows
+        for gain, n, j in gains:
+            if gain < MIN_GAIN or (rows + 1 > free and gain * max(rows, free) <= tokens):
+                break
+            if j == take[n] + 1:  # positions are taken in order (gains fall with j)
+                take[n] = j
+                rows += 1
+                tokens += gain
+        for (_, req, drafts), num in zip(candidates, take, strict=True):
+            req.spec_token_ids = drafts[:num]
+
+    def record(self, request: Request, num_drafts: int, num_accepted: int) -> None:
+        """Account one verification of request's drafts."""
+        request.spec.record(num_drafts, num_accepted, self.config.acceptance_decay)
+        self.counters["spec_proposed_tokens"] += num_drafts
+        self.counters["spec_accepted_tokens"] += num_accepted
+        self.counters["spec_steps"] += 1

@@ -1,0 +1,48 @@
+"""Helpers for the speculative decoding tests: engines with a chosen drafter."""
+
+from __future__ import annotations
+
+from oracles import make_llm
+
+from mlxkv.config import SpeculativeConfig
+from mlxkv.speculative import Speculator
+
+
+def spec_llm(model, drafter=None, free_rows: float = 1000.0, k: int = 6, **llm_kw):
+    """A tokenizer-less tiny-model LLM whose engine speculates with `drafter` (None: n-gram).
+
+    A large free_rows makes every proposed draft verified (no sizing cut)."""
+    llm = make_llm(model, **llm_kw)
+    config = SpeculativeConfig(method="ngram", free_rows=free_rows,
+                               num_speculative_tokens=k)
+    llm.engine.speculator = Speculator(config, drafter)
+    return llm
+
+
+def oracle_drafter(continuations, corrupt_every: int = 4):
+    """Propose each sequence's known continuation, with every `corrupt_every`-th position
+    (by absolute index) replaced: long accepted runs and regular rejections.
+
+    `continuations`: full token lists (prompt + reference output); a sequence drafts from
+    the one it is a prefix of (none: no draft).
+    """
+
+    def drafter(token_ids, max_drafts):
+        n = len(token_ids)
+        for full in continuations:
+            if full[:n] == list(token_ids):
+                drafts = list(full[n : n + max_drafts])
+                return [t if (n + j) % corrupt_every else (t + 1) % 500
+                        for j, t in enumerate(drafts)]
+        return []
+
+    return drafter
+
+
+class CharTokenizer:
+    """Token id i decodes to one letter (a..z): enough for stop strings and EOS."""
+
+    eos_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i % 26) for i in ids)

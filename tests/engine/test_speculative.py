@@ -1,0 +1,229 @@
+"""Speculative decoding: the drafter and sizing (pure), and greedy exactness in the batch.
+
+Exactness is judged by the logit oracles: a speculating run must emit the plain run's
+tokens, and the logits each accepted token was chosen from must equal the plain run's
+(tests/oracles.py `assert_same`), across chunked prefills, sliding windows, compressed
+pools, prefix hits and forks sharing a copy-on-write tail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from oracles import PROMPT, assert_same, make_llm, run
+from spec_helpers import CharTokenizer, oracle_drafter, spec_llm
+
+from mlxkv.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from mlxkv.llm import LLM
+from mlxkv.models.tiny import make_tiny_model
+from mlxkv.request import Request
+from mlxkv.sampling import SamplingParams
+from mlxkv.speculative import Speculator, can_speculate, max_drafts_allowed, ngram_propose
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+# -- the drafter and the sizing policy (no model) --------------------------------------------
+@pytest.mark.parametrize(("ids", "k", "min_n", "want"), [
+    ([1, 2, 3, 4, 8, 9, 2, 3], 3, 1, [4, 8, 9]),  # "2 3" seen at 1: continue from there
+    ([1, 2, 3, 4, 8, 9, 2, 3], 9, 1, [4, 8, 9, 2, 3]),  # runs to the end of the history
+    ([1, 2, 5, 1, 2, 6, 1, 2], 3, 1, [6, 1, 2]),  # the latest occurrence wins
+    ([7, 1, 2, 3, 8, 2, 3, 5, 1, 2, 3], 4, 1, [8, 2, 3, 5]),  # the longest n-gram wins
+    ([1, 2, 3, 1], 3, 2, []),  # only a 1-gram matches, min_n is 2
+    ([1, 2, 3, 1], 3, 1, [2, 3, 1]),
+    ([1, 2, 3, 1], 0, 1, []),
+    ([5], 3, 1, []),
+])
+def test_ngram_propose(ids, k, min_n, want):
+    assert ngram_propose(ids, k, min_n=min_n, max_n=3) == want
+
+
+def decoding(params: SamplingParams, num_prompt=10, num_output=3, limit=1 << 30) -> Request:
+    req = Request("r", list(range(1, num_prompt + 1)), params, max_total_tokens=limit)
+    req.output_token_ids = [1, 2, 3, 4][:num_output]
+    req.num_computed_tokens = req.num_tokens - 1
+    return req
+
+
+def test_drafts_never_pass_the_token_limits():
+    assert max_drafts_allowed(decoding(SamplingParams(max_tokens=5)), 8) == 1  # 2 left
+    assert max_drafts_allowed(decoding(SamplingParams(max_tokens=4)), 8) == 0
+    assert max_drafts_allowed(decoding(SamplingParams(max_tokens=None), limit=16), 8) == 2
+    assert max_drafts_allowed(decoding(SamplingParams(max_tokens=99)), 8) == 8
+
+
+@pytest.mark.parametrize(("params", "default_on", "want"), [
+    (SamplingParams(), True, True),
+    (SamplingParams(), False, False),
+    (SamplingParams(speculative=True), False, True),
+    (SamplingParams(speculative=False), True, False),
+    (SamplingParams(repetition_penalty=1.1), True, False),
+    (SamplingParams(presence_penalty=0.5), True, False),
+])
+def test_who_speculates(params, default_on, want):
+    assert can_speculate(decoding(params), default_on) is want
+
+
+def test_a_request_in_prefill_does_not_speculate():
+    req = decoding(SamplingParams(speculative=True))
+    req.num_computed_tokens = 4
+    assert not can_speculate(req, True)
+
+
+def test_sizing_drafts_deep_alone_and_not_at_all_in_a_big_batch():
+    def proposed(num_running, accepted_history=0):
+        spec = Speculator(SpeculativeConfig(method="ngram", free_rows=8.0),
+                          drafter=lambda ids, k: [7] * k)
+        reqs = [decoding(SamplingParams(max_tokens=99)) for _ in range(num_running)]
+        for r in reqs:
+            for _ in range(accepted_history):
+                spec.record(r, 8, 8)
+        spec.propose(reqs)
+        return [len(r.spec_token_ids) for r in reqs]
+
+    # prior acceptance 1/2: 0.5, 0.25, 0.125 pass MIN_GAIN (0.1), 0.0625 does not
+    assert proposed(1) == [3]
+    assert proposed(1, accepted_history=10) == [7]  # ~0.95: every free row (1 + 7 = 8)
+    assert proposed(4, accepted_history=10) == [1, 1, 1, 1]  # 4 + 4 rows fill the 8
+    assert proposed(8, accepted_history=10) == [0] * 8  # compute-bound: no drafts
+
+
+# -- greedy exactness in the continuous batch --------------------------------------------
+def check_spec_vs_plain(model, prompts, params=GREEDY, corrupt_every=4, atol=1e-3, **llm_kw):
+    """Speculating (oracle drafts with rejections) == plain, logits at every accepted token."""
+    plain = make_llm(model, **llm_kw)
+    ref = run(plain, prompts, params)
+    fulls = [p + ref[f"r{i}"].token_ids for i, p in enumerate(prompts)]
+    llm = spec_llm(model, oracle_drafter(fulls, corrupt_every), **llm_kw)
+    got = run(llm, prompts, params)
+    for i in range(len(prompts)):
+        assert_same(got[f"r{i}"], ref[f"r{i}"], f"speculative r{i}", atol)
+    c = llm.engine.speculator.counters
+    assert 0 < c["spec_accepted_tokens"] < c["spec_proposed_tokens"], c
+    assert llm.engine.stats["steps"] < plain.engine.stats["steps"]
+
+
+def test_greedy_equals_plain_with_prefill_chunks_in_the_batch():
+    prompts = [PROMPT[:n] for n in (3, 17, 37, 9)] + [PROMPT[2:19]]
+    check_spec_vs_plain(make_tiny_model("llama"), prompts, max_batched=12)
+
+
+def _verifying(batch) -> bool:
+    """Whether a batch has a verification chunk (every row of a multi-row chunk sampled)."""
+    starts = batch.query_start_loc
+    return any(1 < starts[i + 1] - starts[i] == batch.num_logits_list[i]
+               for i in range(batch.num_seqs))
+
+
+def test_verification_rows_run_through_the_fused_prefill_twin(monkeypatch):
+    """head_dim 64: the compiled CPU op covers the layers, so a batch with verification
+    chunks runs in the fused prefill twin (one primitive call), and equals plain decoding."""
+    from mlxkv.kernels.selfcheck import KernelGuard
+
+    calls = []
+    real = KernelGuard.prefill
+
+    def counting(self, q, store, layer_id, tables, batch, scale, window):
+        out = real(self, q, store, layer_id, tables, batch, scale, window)
+        if _verifying(batch):
+            calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(KernelGuard, "prefill", counting)
+    model = make_tiny_model("llama", head_dim=64, num_attention_heads=2, num_key_value_heads=1,
+                            hidden_size=128)
+    check_spec_vs_plain(model, [PROMPT, PROMPT[3:20]], max_batched=12)
+    assert calls and all(calls)
+
+
+def test_verification_rows_run_through_the_fused_decode_op(monkeypatch):
+    """Without a prefill twin (as on Metal), drafts are verified as decode rows of the op
+    (mlxkv.attention._verify_rows), and still equal plain decoding."""
+    import mlxkv.attention as attention
+    from mlxkv.kernels.selfcheck import KernelGuard
+
+    calls = []
+
+    def counting(*args):
+        out = real(*args)
+        calls.append(out is not None)
+        return out
+
+    real = attention._verify_rows
+    monkeypatch.setattr(attention, "_verify_rows", counting)
+    monkeypatch.setattr(KernelGuard, "prefill", lambda self, *args: None)
+    model = make_tiny_model("llama", head_dim=64, num_attention_heads=2, num_key_value_heads=1,
+                            hidden_size=128)
+    check_spec_vs_plain(model, [PROMPT, PROMPT[3:20]], max_batched=12)
+    assert calls and all(calls)
+
+
+def test_greedy_equals_plain_with_a_sliding_window():
+    """gemma3: window 8 with block 4, so drafts and rewinds cross dropped blocks."""
+    check_spec_vs_plain(make_tiny_model("gemma3_text"), [PROMPT, PROMPT[4:30]])
+
+
+# atol: as tests/engine/test_equivalence.py (an fp32-noise difference in a K/V value on an
+# affine rounding boundary takes the neighbouring code).
+@pytest.mark.parametrize(("codec", "atol"), [("int8", 0.1), ("e8:k4v3", 1e-3)])
+def test_greedy_equals_plain_over_compressed_blocks(codec, atol):
+    """Rejected drafts' slots in compressed blocks are rewritten exactly as never written."""
+    model = make_tiny_model("llama", head_dim=64, num_attention_heads=2, num_key_value_heads=1,
+                            hidden_size=128)  # the affine codecs group 64 coordinates
+    check_spec_vs_plain(model, [PROMPT, PROMPT[5:26]], atol=atol, kv_codec=codec)
+
+
+def test_rewinds_never_touch_shared_prefix_or_fork_blocks():
+    """A cached prefix and an n=2 fork's shared tail stay intact under rewinds."""
+    model = make_tiny_model("llama")
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, n=2)
+    prompts = [PROMPT[:30], PROMPT[:25] + [9, 8, 7]]
+    ref = {i: run(make_llm(model), [p], GREEDY)["r0"] for i, p in enumerate(prompts)}
+    fulls = [p + ref[i].token_ids for i, p in enumerate(prompts)]
+    llm = spec_llm(model, oracle_drafter(fulls, corrupt_every=3))
+    run(llm, [PROMPT])  # warm the prefix cache
+    got = run(llm, prompts, params)
+    for key in ("r0", "r0#1", "r1", "r1#1"):
+        want = ref[int(key[1])]
+        assert_same(got[key], type(want)(want.token_ids[:20], want.logits[:20]), key)
+    assert llm.engine.cache.counters["hit_tokens"] > 0
+    warm = run(llm, [PROMPT])["r0"]  # the cached blocks still hold the prompt's K/V
+    assert_same(warm, run(make_llm(model), [PROMPT])["r0"], "prefix after rewinds")
+
+
+@pytest.mark.parametrize("stop", ["token", "string", "max_tokens", "eos"])
+def test_stops_at_the_same_token(stop):
+    model = make_tiny_model("llama")
+    plain = LLM(EngineConfig(cache=CacheConfig(block_size=4, num_blocks=128)),
+                loaded=(model, CharTokenizer()))
+    base = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    ref = plain.generate([PROMPT], base)[0]
+    stop_at = ref["token_ids"][9]
+    kw = {"token": dict(stop_token_ids=(stop_at,)), "max_tokens": dict(max_tokens=11),
+          "string": dict(stop=(ref["text"][10:13],)), "eos": dict(ignore_eos=False)}[stop]
+    params = replace(base, **kw)
+    config = EngineConfig(cache=CacheConfig(block_size=4, num_blocks=128),
+                          scheduler=SchedulerConfig(),
+                          speculative=SpeculativeConfig(method="ngram", free_rows=1e3))
+    outs = []
+    for llm in (plain, LLM(config, loaded=(model, CharTokenizer()))):
+        llm.engine.eos_token_ids = {stop_at}
+        if llm is not plain:
+            llm.engine.speculator.drafter = oracle_drafter([PROMPT + ref["token_ids"]], 5)
+        outs.append(llm.generate([PROMPT], params)[0])
+    keys = ("token_ids", "text", "finish_reason")
+    assert {k: outs[1][k] for k in keys} == {k: outs[0][k] for k in keys}
+    assert len(outs[0]["token_ids"]) < 30
+
+
+def test_logprobs_equal_plain():
+    model = make_tiny_model("llama")
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
+    ref = make_llm(model).generate([PROMPT], params)[0]
+    llm = spec_llm(model, oracle_drafter([PROMPT + ref["token_ids"]]))
+    got = llm.generate([PROMPT], params)[0]
+    assert got["token_ids"] == ref["token_ids"]
+    for a, b in zip(got["logprobs"], ref["logprobs"], strict=True):
+        assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
+        assert a.top.keys() == b.top.keys()
