@@ -12,17 +12,7 @@ import math
 import mlx.core as mx
 
 from mlxkv.codec import IdentityCodec
-from mlxkv.models.adapter import group_specs_for
-
-
-def geometry(model) -> list[dict]:
-    """Per layer {head_dim, num_kv_heads, sliding_window}."""
-    geo = {}
-    for g in group_specs_for(model):
-        for i in g.layer_ids:
-            geo[i] = {"head_dim": g.head_dim, "num_kv_heads": g.num_kv_heads,
-                      "sliding_window": g.sliding_window}
-    return [geo[i] for i in sorted(geo)]
+from mlxkv.kv_profile import layer_geometry as geometry  # noqa: F401  (per layer geometry)
 
 
 def _layer_bytes(geo, codecs, dtype) -> list[int]:

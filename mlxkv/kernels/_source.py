@@ -93,7 +93,11 @@ def _build(spec: KernelSpec):
 
 def run_metal(launch: KernelLaunch, verbose: bool = False) -> list[mx.array]:
     """Execute `launch` with mx.fast.metal_kernel (built once per spec)."""
-    kernel = _build(launch.spec)
+    return call_kernel(_build(launch.spec), launch, verbose)
+
+
+def call_kernel(kernel, launch: KernelLaunch, verbose: bool = False) -> list[mx.array]:
+    """Call a built mx.fast kernel (Metal or CUDA) with `launch`'s arguments."""
     return kernel(
         inputs=launch.inputs,
         template=launch.template,

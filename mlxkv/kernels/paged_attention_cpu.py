@@ -96,6 +96,15 @@ def layout_supported(layout: KernelLayout, head_dim: int) -> bool:
     return layout.kind in (E8, D4, LLOYD) and layout.bits in (2, 3, 4) and head_dim % 8 == 0
 
 
+def _decodable_layouts(k_codec: KVCodec, v_codec: KVCodec, head_dim: int):
+    """The codecs' kernel layouts; ValueError when the primitive does not decode one."""
+    kl, vl = k_codec.kernel_layout, v_codec.kernel_layout
+    if not (layout_supported(kl, head_dim) and layout_supported(vl, head_dim)):
+        raise ValueError(f"the CPU primitive does not decode {k_codec.name}/{v_codec.name} "
+                         f"at head_dim {head_dim}")
+    return kl, vl
+
+
 def _components(layout: KernelLayout, pool) -> list[mx.array]:
     """The pool's components in the primitive's role order (+ Lloyd's levels)."""
     roles = {IDENTITY: ("values",), AFFINE: ("codes", "scales", "biases")}.get(
@@ -149,11 +158,7 @@ def paged_prefill_cpu_kernel(*, queries, k_pool, v_pool, k_codec: KVCodec, v_cod
         ValueError: a layout the primitive does not decode, or bad shapes.
     """
     ext = _require_ext()
-    kl, vl = k_codec.kernel_layout, v_codec.kernel_layout
-    D = queries.shape[-1]
-    if not (layout_supported(kl, D) and layout_supported(vl, D)):
-        raise ValueError(f"the CPU primitive does not decode {k_codec.name}/{v_codec.name} "
-                         f"at head_dim {D}")
+    kl, vl = _decodable_layouts(k_codec, v_codec, queries.shape[-1])
     args, rot = _packed_args(queries, kl, k_pool, vl, v_pool)
     return ext.paged_prefill_attention_packed(
         queries, *args, block_tables, query_start, seq_lens, scale=scale,
@@ -173,11 +178,7 @@ def paged_attention_quant_cpu_kernel(*, queries, k_pool, v_pool, k_codec: KVCode
         ValueError: a codec layout the primitive does not decode, or bad shapes.
     """
     ext = _require_ext()
-    kl, vl = k_codec.kernel_layout, v_codec.kernel_layout
-    D = queries.shape[-1]
-    if not (layout_supported(kl, D) and layout_supported(vl, D)):
-        raise ValueError(f"the CPU primitive does not decode {k_codec.name}/{v_codec.name} "
-                         f"at head_dim {D}")
+    kl, vl = _decodable_layouts(k_codec, v_codec, queries.shape[-1])
     if queries.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"float queries expected, got {queries.dtype}")
     return _packed_call(ext, queries, kl, k_pool, vl, v_pool, block_tables, seq_lens, scale,

@@ -314,9 +314,9 @@ def test_portable_build_matches_the_simd_build():
     assert proc.returncode == 0 and "portable ok" in proc.stdout, proc.stderr[-2000:]
 
 
-def test_engine_prefill_through_the_primitive_matches_reference(monkeypatch):
-    """Prefill steps (two prompts in one batch) run cpu_prefill once per layer and match
-    the reference path's logits."""
+def _count_prefill_calls(monkeypatch) -> list[bool]:
+    """Route the primitive's prefill twin through a wrapper; one entry per call (True when
+    the primitive took the layer)."""
     import mlxkv.attention as attention
 
     calls = []
@@ -326,6 +326,14 @@ def test_engine_prefill_through_the_primitive_matches_reference(monkeypatch):
         calls.append(out is not None)
         return out
     monkeypatch.setitem(attention.PREFILL_OPS, cpu_decode, counting)
+    return calls
+
+
+def test_engine_prefill_through_the_primitive_matches_reference(monkeypatch):
+    """Prefill steps (two prompts in one batch) run cpu_prefill once per layer and match
+    the reference path's logits."""
+
+    calls = _count_prefill_calls(monkeypatch)
     model = make_tiny_model("gemma3_text", head_dim=64, num_attention_heads=4,
                             num_key_value_heads=2, hidden_size=128)
     ref_steps, ref_tokens = run_steps(model, "int8", None)
@@ -341,17 +349,10 @@ def test_engine_built_from_config_runs_the_prefill_twin(monkeypatch):
     with prefill chunks through cpu_prefill, and its logits equal the reference engine's."""
     from oracles import assert_same, run
 
-    import mlxkv.attention as attention
     from mlxkv.config import CacheConfig, EngineConfig, SchedulerConfig
     from mlxkv.llm import LLM
 
-    calls = []
-
-    def counting(*args):
-        out = cpu_prefill(*args)
-        calls.append(out is not None)
-        return out
-    monkeypatch.setitem(attention.PREFILL_OPS, cpu_decode, counting)
+    calls = _count_prefill_calls(monkeypatch)
     model = make_tiny_model("llama", head_dim=64, num_attention_heads=4,
                             num_key_value_heads=2, hidden_size=128)
     prompts = [[(7 * i + 3) % 97 + 1 for i in range(37)], [5, 9, 11, 2, 40, 41, 3]]

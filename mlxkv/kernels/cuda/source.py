@@ -18,7 +18,7 @@ from importlib import resources
 
 import mlx.core as mx
 
-from mlxkv.kernels._source import KernelLaunch, KernelSpec
+from mlxkv.kernels._source import KernelLaunch, KernelSpec, call_kernel
 
 # mlx/backend/cuda/utils.cpp: dtype_to_cuda_type
 CUDA_TYPE = {
@@ -123,13 +123,4 @@ def _build(spec: KernelSpec):
 
 def run_cuda(launch: KernelLaunch, verbose: bool = False) -> list[mx.array]:
     """Execute `launch` with mx.fast.cuda_kernel (built once per spec); grid in threads."""
-    return _build(launch.spec)(
-        inputs=launch.inputs,
-        template=launch.template,
-        grid=launch.grid,
-        threadgroup=launch.threadgroup,
-        output_shapes=launch.output_shapes,
-        output_dtypes=launch.output_dtypes,
-        init_value=launch.init_value,
-        verbose=verbose,
-    )
+    return call_kernel(_build(launch.spec), launch, verbose)
