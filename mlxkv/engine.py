@@ -13,7 +13,8 @@ Pipelining: after launching step N, step() schedules and launches step N + 1 (it
 inputs read step N's sampled ids on the device) before it waits for N's ids, so the host
 work of N + 1 overlaps N's evaluation. A request that stops at N has a row in N + 1 that
 is dropped. Rows whose sampling needs host-side token values (penalties, JSON-schema
-masks, speculative drafts) turn the overlap off for that step.
+masks, speculative drafts) turn the overlap off for that step; speculation does so only
+while the drafter finds drafts in the known tokens.
 
 Speculative decoding (#18, docs/speculative.md): before an unpipelined schedule the
 Speculator sets drafts; a speculating sequence runs 1 + k query rows, verified lazily in
@@ -171,14 +172,19 @@ class LLMEngine:
         return outputs + self.processor.update(current)
 
     def _needs_host_values(self) -> bool:
-        """Whether a running request samples from its token values (so cannot overlap):
-        penalties, a grammar whose mask needs the previous token, or speculative decoding
-        (drafts are looked up from the tokens, and rejected drafts are trimmed at update)."""
+        """Whether the next step needs token values still being sampled (so cannot overlap):
+        penalties, a grammar whose mask needs the previous token, or drafts (looked up from
+        the tokens; rejected ones are trimmed at update). Speculation stops the overlap only
+        while the drafter finds a draft worth its rows in the tokens known now: free-form
+        text with no n-gram match keeps pipelining."""
+        running = self.scheduler.running
+        if any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty
+               or r.params.frequency_penalty or r.params.json_schema is not None
+               for r in running):
+            return True
         default_on = self.speculator.default_on
-        return any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty
-                   or r.params.frequency_penalty or r.params.json_schema is not None
-                   or wants_speculation(r, default_on)
-                   for r in self.scheduler.running)
+        return (any(wants_speculation(r, default_on) for r in running)
+                and self.speculator.would_draft(running))
 
     def _launch(self, prev: StepResult | None) -> StepResult | None:
         """Schedule and execute one step (lazy: evaluation runs in the background). `prev`:

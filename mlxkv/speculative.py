@@ -31,7 +31,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING
 
 from mlxkv.config import SpeculativeConfig
@@ -49,6 +48,7 @@ class SpecState:
     num_proposed: int = 0  # draft tokens verified so far
     num_accepted: int = 0  # of which accepted
     num_steps: int = 0  # verification steps
+    index: NgramIndex | None = None  # the default drafter's n-gram index (built lazily)
     decayed_accepted: float = 0.0  # exponentially decayed per-token acceptance counts
     decayed_trials: float = 0.0
 
@@ -92,6 +92,41 @@ def ngram_propose(token_ids: Sequence[int], max_drafts: int, min_n: int = 1,
     return []
 
 
+class NgramIndex:
+    """Incremental prompt lookup for one request: the same answer as `ngram_propose`, at a
+    cost per call proportional to the tokens appended since the last call (not the context).
+
+    For each n it maps every n-gram except the final one to the end of its latest
+    occurrence, so the final n-gram (the suffix) looks up its latest earlier occurrence.
+    Token lists only grow (drafts never enter them); a shorter list rebuilds the index.
+    """
+
+    __slots__ = ("min_n", "max_n", "ends", "indexed")
+
+    def __init__(self, min_n: int = 1, max_n: int = 4):
+        self.min_n, self.max_n = min_n, max_n
+        self.ends: dict[tuple[int, ...], int] = {}  # n-gram -> end of its latest occurrence
+        self.indexed = 0  # n-grams ending at 1..indexed are in `ends`
+
+    def propose(self, token_ids: Sequence[int], max_drafts: int) -> list[int]:
+        num_tokens = len(token_ids)
+        if max_drafts <= 0:
+            return []
+        if num_tokens - 1 < self.indexed:  # not the list it indexed: start again
+            self.ends.clear()
+            self.indexed = 0
+        ends = self.ends
+        for end in range(self.indexed + 1, num_tokens):  # all but the final n-grams
+            for n in range(self.min_n, min(self.max_n, end) + 1):
+                ends[tuple(token_ids[end - n : end])] = end
+        self.indexed = max(self.indexed, num_tokens - 1)
+        for n in range(min(self.max_n, num_tokens - 1), self.min_n - 1, -1):
+            end = ends.get(tuple(token_ids[num_tokens - n :]))
+            if end is not None:
+                return list(token_ids[end : end + max_drafts])
+        return []
+
+
 def max_drafts_allowed(request: Request, k_max: int) -> int:
     """Drafts the request may verify now: accepted drafts plus the bonus token must fit."""
     remaining = request.max_total_tokens - request.num_tokens
@@ -120,30 +155,50 @@ class Speculator:
 
     def __init__(self, config: SpeculativeConfig,
                  drafter: Callable[[Sequence[int], int], list[int]] | None = None):
-        """`drafter(token_ids, max_drafts)` -> drafts; default: `ngram_propose` with the
-        config's n-gram sizes (tests pass oracle drafters)."""
+        """`drafter(token_ids, max_drafts)` -> drafts; default: each request's NgramIndex
+        (what `ngram_propose` with the config's n-gram sizes returns; tests pass oracle
+        drafters)."""
         self.config = config
         self.default_on = config.method == "ngram"
-        self.drafter = drafter or partial(ngram_propose, min_n=config.ngram_min,
-                                          max_n=config.ngram_max)
+        self.drafter = drafter  # None: each request's incremental NgramIndex
         self.counters = {"spec_proposed_tokens": 0, "spec_accepted_tokens": 0,
                          "spec_steps": 0}
 
+    def draft(self, request: Request) -> list[int]:
+        """The request's candidate drafts for its next step, from the tokens known now."""
+        max_drafts = max_drafts_allowed(request, self.config.num_speculative_tokens)
+        if self.drafter is not None:
+            return self.drafter(request.token_ids, max_drafts)
+        spec = request.spec
+        if spec.index is None:
+            spec.index = NgramIndex(self.config.ngram_min, self.config.ngram_max)
+        return spec.index.propose(request.token_ids, max_drafts)
+
+    def _candidates(self, running: Sequence[Request]):
+        for req in running:
+            if can_speculate(req, self.default_on):
+                drafts = self.draft(req)
+                if drafts:
+                    yield req.spec.acceptance, req, drafts
+
     def propose(self, running: Sequence[Request]) -> None:
         """Set `spec_token_ids` of every running request (empty when it does not speculate)."""
-        c = self.config
-        candidates: list[tuple[float, Request, list[int]]] = []
         for req in running:
             req.spec_token_ids = []
-            if not can_speculate(req, self.default_on):
-                continue
-            drafts = self.drafter(req.token_ids, max_drafts_allowed(req, c.num_speculative_tokens))
-            if drafts:
-                candidates.append((req.spec.acceptance, req, drafts))
-        self._size_drafts(candidates, num_rows=len(running))
+        candidates = list(self._candidates(running))
+        take = self._size_drafts(candidates, num_rows=len(running))
+        for (_, req, drafts), num in zip(candidates, take, strict=True):
+            req.spec_token_ids = drafts[:num]
 
-    def _size_drafts(self, candidates, num_rows: int) -> None:
-        """Give each candidate the drafts that pay for their rows (module docstring)."""
+    def would_draft(self, running: Sequence[Request]) -> bool:
+        """Whether `propose` would give any request a draft, judged from the tokens known
+        now (while a step is in flight, its last token is not): the engine keeps the step
+        pipelining when it would not, so speculation costs nothing where nothing matches."""
+        candidates = list(self._candidates(running))
+        return any(self._size_drafts(candidates, num_rows=len(running)))
+
+    def _size_drafts(self, candidates, num_rows: int) -> list[int]:
+        """How many drafts of each candidate pay for their rows (module docstring)."""
         gains = [(alpha**j, n, j) for n, (alpha, _, drafts) in enumerate(candidates)
                  for j in range(1, len(drafts) + 1)]
         gains.sort(key=lambda g: -g[0])
@@ -157,8 +212,7 @@ class Speculator:
                 take[n] = j
                 rows += 1
                 tokens += gain
-        for (_, req, drafts), num in zip(candidates, take, strict=True):
-            req.spec_token_ids = drafts[:num]
+        return take
 
     def record(self, request: Request, num_drafts: int, num_accepted: int) -> None:
         """Account one verification of request's drafts."""

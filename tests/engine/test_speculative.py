@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import random
+
 import pytest
 from oracles import PROMPT, assert_same, make_llm, run
 from spec_helpers import CharTokenizer, oracle_drafter, spec_llm
@@ -19,7 +21,8 @@ from mlxkv.llm import LLM
 from mlxkv.models.tiny import make_tiny_model
 from mlxkv.request import Request
 from mlxkv.sampling import SamplingParams
-from mlxkv.speculative import Speculator, can_speculate, max_drafts_allowed, ngram_propose
+from mlxkv.speculative import (NgramIndex, Speculator, can_speculate, max_drafts_allowed,
+                               ngram_propose)
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
@@ -37,6 +40,19 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 ])
 def test_ngram_propose(ids, k, min_n, want):
     assert ngram_propose(ids, k, min_n=min_n, max_n=3) == want
+
+
+@pytest.mark.parametrize(("min_n", "max_n"), [(1, 3), (2, 4), (3, 3)])
+def test_the_incremental_index_answers_as_the_scan(min_n, max_n):
+    rng = random.Random(min_n * 10 + max_n)
+    for _ in range(20):
+        index, ids = NgramIndex(min_n, max_n), []
+        for _ in range(40):  # grow by 0..3 tokens between lookups, as decoding and verifying do
+            ids += [rng.randrange(5) for _ in range(rng.randrange(4))]
+            k = rng.randrange(6)
+            assert index.propose(ids, k) == ngram_propose(ids, k, min_n, max_n), (ids, k)
+        shorter = ids[: len(ids) // 2]  # another list: the index starts again
+        assert index.propose(shorter, 4) == ngram_propose(shorter, 4, min_n, max_n)
 
 
 def decoding(params: SamplingParams, num_prompt=10, num_output=3, limit=1 << 30) -> Request:
@@ -107,6 +123,42 @@ def check_spec_vs_plain(model, prompts, params=GREEDY, corrupt_every=4, atol=1e-
 def test_greedy_equals_plain_with_prefill_chunks_in_the_batch():
     prompts = [PROMPT[:n] for n in (3, 17, 37, 9)] + [PROMPT[2:19]]
     check_spec_vs_plain(make_tiny_model("llama"), prompts, max_batched=12)
+
+
+def test_steps_pipeline_while_the_drafter_finds_nothing():
+    """Free-form text (no n-gram match) must not pay for speculation: a step whose requests
+    have no drafts in their known tokens launches the next one before it waits; a step
+    that will verify drafts does not. Greedy output stays the plain run's across the
+    switches, logits included."""
+    model = make_tiny_model("llama")
+    prompts = [PROMPT[:13], PROMPT[4:21]]
+    ref = run(make_llm(model), prompts, GREEDY)
+    fulls = [p + ref[f"r{i}"].token_ids for i, p in enumerate(prompts)]
+    oracle = oracle_drafter(fulls, corrupt_every=3)
+
+    def sometimes(token_ids, max_drafts):  # drafts in two of every five positions
+        return oracle(token_ids, max_drafts) if len(token_ids) % 5 < 2 else []
+
+    overlapped = {}
+    for name, drafter in (("never", lambda ids, k: []), ("always", oracle),
+                          ("sometimes", sometimes)):
+        llm = spec_llm(model, drafter)
+        engine = llm.engine
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", p, GREEDY)
+        tokens = {f"r{i}": [] for i in range(len(prompts))}
+        overlapped[name] = 0
+        while engine.has_unfinished():
+            for o in engine.step():
+                tokens[o.request_id] += o.new_token_ids
+            overlapped[name] += engine._inflight is not None
+        assert engine.cache_stats()["blocks_used"] == 0
+        assert tokens == {k: v.token_ids for k, v in ref.items()}, name
+    assert overlapped["never"] > 15 and overlapped["always"] == 0
+    assert 0 < overlapped["sometimes"] < overlapped["never"]
+    got = run(spec_llm(model, sometimes), prompts, GREEDY)
+    for key, want in ref.items():
+        assert_same(got[key], want, f"pipelined speculation {key}")
 
 
 def _verifying(batch) -> bool:
