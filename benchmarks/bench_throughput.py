@@ -2,7 +2,9 @@
 
 Same model, same seeded prompts, same output length (eos ignored), greedy, in one run.
 Reported per concurrency: generated tokens / wall time from first insert to last token
-(prefill included), the median over --repeats runs, and the ratio mlxkv / mlx-lm.
+(prefill included), the median over --repeats runs, and the ratio mlxkv / mlx-lm. With
+one stream mlx-lm's best configuration is its single-sequence `generate_step` loop (the
+one `mlx_lm.generate` runs, async_eval pipelined), measured as a third side.
 
     python benchmarks/bench_throughput.py                 # SmolLM2, 1 4 8 16 32
     python benchmarks/bench_throughput.py --quick         # tiny random model, seconds
@@ -51,6 +53,17 @@ def run_mlx_lm(model, prompts, max_tokens: int) -> tuple[float, int]:
     return elapsed, count
 
 
+def run_mlx_lm_generate(model, prompt, max_tokens: int) -> tuple[float, int]:
+    """mlx-lm's single-stream path: generate_step (greedy, no EOS check)."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    start = time.perf_counter()
+    count = sum(1 for _ in zip(range(max_tokens),
+                               generate_step(mx.array(prompt), model, max_tokens=max_tokens)))
+    return time.perf_counter() - start, count
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
@@ -82,18 +95,27 @@ def main(argv=None) -> dict:
     rows = []
     for n in tqdm(conc, desc="concurrency"):
         prompts = make_prompts(n, prompt_len, vocab, seed=n)
-        ours, theirs = [], []
+        ours, theirs, single = [], [], []
         for _ in range(repeats):
             t, c = run_mlxkv(llm, prompts, max_tokens)
             ours.append(c / t)
             t, c = run_mlx_lm(model, prompts, max_tokens)
             theirs.append(c / t)
+            if n == 1:
+                t, c = run_mlx_lm_generate(model, prompts[0], max_tokens)
+                single.append(c / t)
         row = {"concurrency": n, "mlxkv_tok_s": statistics.median(ours),
                "mlx_lm_tok_s": statistics.median(theirs)}
         row["ratio"] = row["mlxkv_tok_s"] / row["mlx_lm_tok_s"]
+        line = (f"{n:>3} concurrent: mlxkv {row['mlxkv_tok_s']:8.1f} tok/s | mlx-lm "
+                f"{row['mlx_lm_tok_s']:8.1f} tok/s | ratio {row['ratio']:.2f}")
+        if single:
+            row["mlx_lm_generate_tok_s"] = statistics.median(single)
+            row["ratio_generate"] = row["mlxkv_tok_s"] / row["mlx_lm_generate_tok_s"]
+            line += (f" | mlx-lm generate {row['mlx_lm_generate_tok_s']:8.1f} tok/s | ratio "
+                     f"{row['ratio_generate']:.2f}")
         rows.append(row)
-        tqdm.write(f"{n:>3} concurrent: mlxkv {row['mlxkv_tok_s']:8.1f} tok/s | mlx-lm "
-                   f"{row['mlx_lm_tok_s']:8.1f} tok/s | ratio {row['ratio']:.2f}")
+        tqdm.write(line)
     result = {**h, "rows": rows}
     tag = "throughput_quick" if args.quick else "throughput"
     write_json(tag, result, args.out)

@@ -54,10 +54,16 @@ def _src(d: dict, cmd: str, name: str) -> str:
 
 
 def table_throughput(d):
-    rows = ["| concurrent | mlxkv tok/s | mlx-lm BatchGenerator tok/s | ratio |",
-            "|---:|---:|---:|---:|"]
-    rows += [f"| {r['concurrency']} | {r['mlxkv_tok_s']:.1f} | {r['mlx_lm_tok_s']:.1f} | "
-             f"{r['ratio']:.2f} |" for r in d["rows"]]
+    s = d["settings"]
+    rows = [f"{s['prompt_len']}-token prompts, {s['max_tokens']} generated tokens, median of "
+            f"{s['repeats']}", "",
+            "| concurrent | mlxkv tok/s | mlx-lm BatchGenerator tok/s | ratio | mlx-lm "
+            "generate tok/s | ratio |", "|---:|---:|---:|---:|---:|---:|"]
+    for r in d["rows"]:
+        single = (f"{r['mlx_lm_generate_tok_s']:.1f} | {r['ratio_generate']:.2f}"
+                  if "mlx_lm_generate_tok_s" in r else "- | -")
+        rows.append(f"| {r['concurrency']} | {r['mlxkv_tok_s']:.1f} | {r['mlx_lm_tok_s']:.1f} | "
+                    f"{r['ratio']:.2f} | {single} |")
     return [_src(d, "bench_throughput.py", "throughput"), ""] + rows
 
 
