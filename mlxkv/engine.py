@@ -14,7 +14,8 @@ inputs read step N's sampled ids on the device) before it waits for N's ids, so 
 work of N + 1 overlaps N's evaluation. A request that stops at N has a row in N + 1 that
 is dropped. Rows whose sampling needs host-side token values (penalties, JSON-schema
 masks, speculative drafts) turn the overlap off for that step; speculation does so only
-while the drafter finds drafts in the known tokens.
+while the drafter finds drafts in the known tokens, and a step that verifies drafts is
+never overlapped (how many tokens it accepts is known only after it evaluates).
 
 Speculative decoding (#18, docs/speculative.md): before an unpipelined schedule the
 Speculator sets drafts; a speculating sequence runs 1 + k query rows, verified lazily in
@@ -167,7 +168,7 @@ class LLMEngine:
             current = self._launch(None)
         if current is None:
             return outputs + self.processor.take_pending()
-        if self.pipeline and not self._needs_host_values():
+        if self.pipeline and not current.spec and not self._needs_host_values():
             self._inflight = self._launch(current)  # host work of N + 1 while N evaluates
         return outputs + self.processor.update(current)
 

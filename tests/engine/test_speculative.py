@@ -128,8 +128,9 @@ def test_greedy_equals_plain_with_prefill_chunks_in_the_batch():
 def test_steps_pipeline_while_the_drafter_finds_nothing():
     """Free-form text (no n-gram match) must not pay for speculation: a step whose requests
     have no drafts in their known tokens launches the next one before it waits; a step
-    that will verify drafts does not. Greedy output stays the plain run's across the
-    switches, logits included."""
+    that will verify drafts does not, nor does a step that verifies drafts (even when the
+    drafter finds none right after: "flipping"). Greedy output stays the plain run's across
+    the switches, logits included."""
     model = make_tiny_model("llama")
     prompts = [PROMPT[:13], PROMPT[4:21]]
     ref = run(make_llm(model), prompts, GREEDY)
@@ -139,9 +140,15 @@ def test_steps_pipeline_while_the_drafter_finds_nothing():
     def sometimes(token_ids, max_drafts):  # drafts in two of every five positions
         return oracle(token_ids, max_drafts) if len(token_ids) % 5 < 2 else []
 
+    calls = [0]
+
+    def flipping(token_ids, max_drafts):  # drafts at a proposal, none when asked right after
+        calls[0] += 1
+        return oracle(token_ids, max_drafts) if calls[0] % 2 else []
+
     overlapped = {}
     for name, drafter in (("never", lambda ids, k: []), ("always", oracle),
-                          ("sometimes", sometimes)):
+                          ("sometimes", sometimes), ("flipping", flipping)):
         llm = spec_llm(model, drafter)
         engine = llm.engine
         for i, p in enumerate(prompts):
