@@ -134,7 +134,8 @@ def main(argv=None) -> dict:
     tokens = max(batches) * (max(contexts) + args.rounds + 8)
     base = make_llm(loaded, "auto", tokens)
     auto_op = base.engine.runner.decode_op
-    auto_name = getattr(auto_op, "__name__", "reference")
+    auto_name = (auto_op.backend.name if hasattr(auto_op, "backend")  # a KernelGuard
+                 else getattr(auto_op, "__name__", "reference"))
     engines = {"paged": (base, auto_op)}
     if not args.no_reference:
         engines["paged_ref"] = (base, default_decode_op("reference"))

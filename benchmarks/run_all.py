@@ -33,6 +33,7 @@ RUNS = [
     ["quality.py", "--model", "gemma3-270m", "--ctx", "2048", "--windows", "4"],
     ["capacity.py"],
     ["bench_server.py"],
+    ["bench_chat.py"],
     ["shared_prefix.py", "--model", "smollm2-135m-instruct"],
     ["paged_vs_dense.py", "--model", "smollm2-135m-instruct"],
     ["floor.py", "--model", "smollm2-135m-instruct"],
@@ -186,10 +187,25 @@ def table_speculative(d):
     return out
 
 
+def table_chat(d):
+    rows = ["| server | concurrent | turns | completion tok/s | TTFT p50 / p90 s | prompt tokens "
+            "(cached) | errors |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for server, runs in d["results"].items():
+        rows += [f"| {server} | {r['concurrency']} | {r['turns']} | {r['completion_tok_s']:.1f} | "
+                 f"{r['ttft_p50']:.2f} / {r['ttft_p90']:.2f} | {r['prompt_tokens']} "
+                 f"({r['cached_tokens']}) | {r['errors']} |" for r in runs]
+    rows += ["", "| concurrent | completion tok/s, mlxkv / mlx_lm.server | TTFT p90 ratio |",
+             "|---:|---:|---:|"]
+    rows += [f"| {r['concurrency']} | {r['completion_tok_s_ratio']:.2f}x | "
+             f"{r['ttft_p90_ratio']:.2f}x |" for r in d["ratios"]]
+    return [_src(d, "bench_chat.py", "chat"), "", *rows]
+
+
 def render(results: Path) -> None:
     tables = {
         "throughput": ("benchmarks.md", "throughput", table_throughput),
         "server": ("benchmarks.md", "server", table_server),
+        "chat": ("benchmarks.md", "chat", table_chat),
         "shared_prefix": ("benchmarks.md", "shared_prefix", table_shared),
         "paged_vs_dense": ("benchmarks.md", "paged_vs_dense", table_pvd),
         "floor": ("benchmarks.md", "floor", table_floor),
