@@ -167,7 +167,7 @@ class LLMEngine:
             current = self._launch(None)
         if current is None:
             return outputs + self.processor.take_pending()
-        if self.pipeline and not self._needs_host_values():
+        if self.pipeline and not current.spec and not self._needs_host_values():
             self._inflight = self._launch(current)  # host work of N + 1 while N evaluates
         return outputs + self.processor.update(current)
 
@@ -176,7 +176,8 @@ class LLMEngine:
         penalties, a grammar whose mask needs the previous token, or drafts (looked up from
         the tokens; rejected ones are trimmed at update). Speculation stops the overlap only
         while the drafter finds a draft worth its rows in the tokens known now: free-form
-        text with no n-gram match keeps pipelining."""
+        text with no n-gram match keeps pipelining. (A step that verifies drafts never
+        overlaps the next: how many tokens it adds is known only at its update.)"""
         running = self.scheduler.running
         if any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty
                or r.params.frequency_penalty or r.params.json_schema is not None

@@ -161,6 +161,31 @@ def test_steps_pipeline_while_the_drafter_finds_nothing():
         assert_same(got[key], want, f"pipelined speculation {key}")
 
 
+def test_a_step_that_verifies_drafts_does_not_pipeline_the_next():
+    """The next step's sizing may find no draft worth its rows (a request admitted in the
+    step that verifies r0's drafts fills the free rows), yet the step in flight still
+    verifies drafts: its requests' next inputs are known only at its update, so it must
+    not overlap the next step (this used to fail r0 with a KeyError)."""
+    model = make_tiny_model("llama")
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = [PROMPT[:13], PROMPT[4:21]]
+    ref = run(make_llm(model), prompts, params)
+    fulls = [p + ref[f"r{i}"].token_ids for i, p in enumerate(prompts)]
+    engine = spec_llm(model, oracle_drafter(fulls, corrupt_every=3), free_rows=2.0).engine
+    engine.add_request("r0", prompts[0], params)
+    tokens = {"r0": [], "r1": []}
+    num_steps = 0
+    while engine.has_unfinished():
+        if num_steps == 3:  # r0 is decoding with a draft: r1's prefill joins its step
+            engine.add_request("r1", prompts[1], params)
+        for out in engine.step():
+            assert out.finish_reason != "error", out.error
+            tokens[out.request_id] += out.new_token_ids
+        num_steps += 1
+    assert tokens == {key: trace.token_ids for key, trace in ref.items()}
+    assert engine.speculator.counters["spec_accepted_tokens"] > 0
+
+
 def _verifying(batch) -> bool:
     """Whether a batch has a verification chunk (every row of a multi-row chunk sampled)."""
     starts = batch.query_start_loc
