@@ -8,9 +8,8 @@ pools, prefix hits and forks sharing a copy-on-write tail.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import random
+from dataclasses import replace
 
 import pytest
 from oracles import PROMPT, assert_same, make_llm, run
@@ -21,8 +20,13 @@ from mlxkv.llm import LLM
 from mlxkv.models.tiny import make_tiny_model
 from mlxkv.request import Request
 from mlxkv.sampling import SamplingParams
-from mlxkv.speculative import (NgramIndex, Speculator, can_speculate, max_drafts_allowed,
-                               ngram_propose)
+from mlxkv.speculative import (
+    NgramIndex,
+    Speculator,
+    can_speculate,
+    max_drafts_allowed,
+    ngram_propose,
+)
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
@@ -103,6 +107,34 @@ def test_sizing_drafts_deep_alone_and_not_at_all_in_a_big_batch():
     assert proposed(1, accepted_history=10) == [7]  # ~0.95: every free row (1 + 7 = 8)
     assert proposed(4, accepted_history=10) == [1, 1, 1, 1]  # 4 + 4 rows fill the 8
     assert proposed(8, accepted_history=10) == [0] * 8  # compute-bound: no drafts
+
+
+class _CostOnly:
+    """A ModelDrafter for sizing only (propose is never reached in these checks)."""
+
+    def __init__(self, relative_cost: float):
+        self.relative_cost = relative_cost
+
+
+def test_sizing_charges_each_draft_model_step():
+    """A draft step costs relative_cost target steps, shared by every drafting request:
+    free (0) sizes as prompt lookup does; the target drafting for itself (1) never pays;
+    a cheap draft drafts shallow until its drafts are accepted."""
+    def depths(cost, num_running=1, accepted_history=0):
+        config = SpeculativeConfig(method="draft", draft_model="d", free_rows=8.0)
+        spec = Speculator(config, model=_CostOnly(cost))
+        reqs = [decoding(SamplingParams(max_tokens=99)) for _ in range(num_running)]
+        for r in reqs:
+            for _ in range(accepted_history):
+                spec.record(r, 8, 8)
+        return spec._size_drafts(list(spec._candidates(reqs)), len(reqs))
+
+    assert depths(0.0) == [3] and depths(0.0, accepted_history=10) == [7]  # as n-gram
+    assert depths(1.0) == [0] and depths(1.0, accepted_history=10) == [0]
+    assert depths(0.3) == [1]  # prior 1/2: a second step would cost more than it yields
+    assert depths(0.3, accepted_history=10) == [7]
+    assert depths(0.3, num_running=4, accepted_history=10) == [1, 1, 1, 1]
+    assert depths(0.3, num_running=8, accepted_history=10) == [0] * 8
 
 
 # -- greedy exactness in the continuous batch --------------------------------------------
