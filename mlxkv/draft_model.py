@@ -24,11 +24,14 @@ Invariants, per request id (asserted by the tests after every engine step):
     rejected, or never verified, is trimmed), so the next proposal continues from the
     committed tokens; `free` releases every block (finish, abort, preemption).
 A first proposal prefills the prompt lazily, in chunks of at most `max_chunk_tokens` per
-proposal; a sequence still prefilling, or one its pool cannot hold, gets no drafts.
+proposal; a sequence still prefilling, or one its pool cannot hold, gets no drafts. A
+draft step that raises costs that step's drafts (its sequences' draft KV is freed and
+recomputed later), never a request.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,6 +40,8 @@ import mlx.core as mx
 from mlxkv.cache_manager import KVCacheManager
 from mlxkv.inputs import SeqEntry, build_batch
 from mlxkv.runner import ModelRunner
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -82,7 +87,14 @@ class DraftModel:
                 plans.append(plan)
                 budget -= len(plan.token_ids)
         drafting = [p for p in plans if p.num_drafts]
-        drafts = self._run(plans, drafting) if plans else []
+        try:
+            drafts = self._run(plans, drafting) if plans else []
+        except Exception as exc:  # noqa: BLE001  (a failed draft costs its drafts only)
+            log.warning("draft model step failed, no drafts this step: %s: %s",
+                        type(exc).__name__, exc)
+            for p in plans:  # their slots were allocated but may not hold valid KV
+                self.free(p.request_id)
+            return [[] for _ in seqs]
         by_id = {p.request_id: d for p, d in zip(drafting, drafts, strict=True)}
         for p in drafting:  # d_1 .. d_{k-1} were inputs: their KV sits at L .. L + k - 2
             self._drafted[p.request_id] = (p.start + len(p.token_ids), by_id[p.request_id][:-1])

@@ -13,6 +13,7 @@ request ids. The oracles:
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import mlx.core as mx
@@ -112,6 +113,28 @@ def test_another_draft_model_keeps_greedy_exact(kind):
     c = llm.engine.speculator.counters
     assert 0 < c["spec_accepted_tokens"] < c["spec_proposed_tokens"], c
     check_proposals(draft_model, calls)
+    check_drained(llm)
+
+
+def test_a_failing_draft_step_costs_drafts_not_requests():
+    """Every third draft forward raises: those proposals come back empty (their draft KV
+    is freed and recomputed), and every request still decodes as plainly."""
+    model = make_tiny_model("llama")
+    ref = run(make_llm(model), PROMPTS)
+    llm = draft_llm(model, model)
+    draft = llm.engine.speculator.model
+    forward, num_calls = draft.runner.forward, itertools.count()
+
+    def flaky(batch):
+        if next(num_calls) % 3 == 1:
+            raise RuntimeError("injected draft failure")
+        return forward(batch)
+
+    draft.runner.forward = flaky
+    got = run(llm, PROMPTS)
+    for key, want in ref.items():
+        assert_same(got[key], want, f"flaky draft {key}")
+    assert next(num_calls) > 6 and llm.engine.speculator.counters["spec_accepted_tokens"] > 0
     check_drained(llm)
 
 
