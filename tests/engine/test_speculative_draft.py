@@ -24,11 +24,14 @@ from spec_helpers import draft_llm
 
 from mlxkv import cli
 from mlxkv.config import EngineConfig, ModelConfig, SpeculativeConfig
+from mlxkv.draft_model import DraftModel
 from mlxkv.errors import ModelLoadError
 from mlxkv.llm import LLM
 from mlxkv.models.adapter import truncated
 from mlxkv.models.tiny import make_tiny_model
+from mlxkv.request import RequestStatus
 from mlxkv.sampling import SamplingParams
+from mlxkv.speculative import Speculator
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 PROMPTS = [PROMPT[:n] for n in (3, 17, 37, 9)] + [PROMPT[2:19]]
@@ -260,3 +263,40 @@ def test_cli_generate_with_a_draft_model_equals_plain(smollm2_dir, capsys):
         outs.append(capsys.readouterr())
     assert outs[1].out == outs[0].out
     assert "speculative:" in outs[1].err and "speculative:" not in outs[0].err
+
+
+# -- planted bugs: each must fail a test above --------------------------------------------
+def _draft_not_rewound(mp):
+    mp.setattr(DraftModel, "rewind", lambda self, rid, ids: self._drafted.pop(rid, None))
+
+
+def _draft_inputs_one_position_late(mp):
+    decode_entry = DraftModel._decode_entry
+    mp.setattr(DraftModel, "_decode_entry", lambda self, plan, j: decode_entry(self, plan, j + 1)
+               if j + 1 < plan.num_drafts else decode_entry(self, plan, j))
+
+
+def _draft_kept_on_preemption(mp):
+    release = Speculator.release
+    mp.setattr(Speculator, "release", lambda self, req: None
+               if req.status is RequestStatus.WAITING else release(self, req))
+
+
+def _early_exit_exact():
+    test_another_draft_model_keeps_greedy_exact("early exit (2 of 3 layers)")
+
+
+@pytest.mark.parametrize(("plant", "check"), [
+    (_draft_not_rewound, _early_exit_exact),
+    (_draft_not_rewound, test_aborts_preemptions_and_rewinds_leak_no_draft_block),
+    (_draft_inputs_one_position_late, _early_exit_exact),
+    (_draft_kept_on_preemption, test_aborts_preemptions_and_rewinds_leak_no_draft_block),
+], ids=["not rewound/proposals", "not rewound/invariants", "positions/proposals",
+        "kept on preemption/invariants"])
+def test_planted_draft_bugs_are_caught(monkeypatch, plant, check):
+    """Verification keeps the output exact whatever the draft does, so these bugs only
+    cost speed: the proposal oracle and the per-step invariants must still see them."""
+    plant(monkeypatch)
+    with pytest.raises(AssertionError) as info:
+        check()
+    assert "error" not in str(info.value), info.value  # seen by a check, not a failed request
