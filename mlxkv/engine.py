@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 import mlx.core as mx
 
 from mlxkv.cache_manager import KVCacheManager
-from mlxkv.config import EngineConfig, SpeculativeConfig
+from mlxkv.config import EngineConfig
 from mlxkv.draft_model import DraftModel
 from mlxkv.errors import InvalidRequestError
 from mlxkv.inputs import SeqEntry, build_batch
@@ -93,11 +93,11 @@ class LLMEngine:
 
         return build_engine(cls, config or EngineConfig(), loaded, draft)
 
-    def attach_draft(self, draft: DraftModel, config: SpeculativeConfig | None = None) -> None:
-        """Speculate with a draft model (its own pool; mlxkv.draft_model) under `config`
-        (default: the engine's): its attention goes through this engine's kernels."""
+    def attach_draft(self, draft: DraftModel) -> None:
+        """Speculate with a draft model (its own pool; mlxkv.draft_model) under the
+        engine's SpeculativeConfig; its attention goes through this engine's kernels."""
         draft.runner.decode_op = self.kernels.install(draft.store)
-        self.speculator = Speculator(config or self.config.speculative, model=draft)
+        self.speculator = Speculator(self.config.speculative, model=draft)
 
     # -- requests ------------------------------------------------------------------------
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
