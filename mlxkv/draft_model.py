@@ -166,8 +166,8 @@ class DraftModel:
             return
         if self.cache.can_trim(request_id, keep):
             self.cache.trim(request_id, keep)
-        else:  # a sliding window dropped blocks the shorter sequence needs: recompute
-            self.cache.free(request_id)
+        else:  # a window dropped blocks it needs (not seen: a proposal's allocation drops
+            self.cache.free(request_id)  # only blocks below its catch-up): recompute
 
     def free(self, request_id: str) -> None:
         """Release request_id's blocks (tail first). Idempotent."""

@@ -67,9 +67,9 @@ def check_drained(llm) -> None:
     assert draft.stats()["blocks_used"] == 0 and draft.stats()["num_requests"] == 0
 
 
-def perturbed(seed: int = 7, scale: float = 0.05):
-    """Another model: the tiny llama's weights, each scaled by 1 + N(0, scale) noise."""
-    model = make_tiny_model("llama")
+def perturbed(arch: str = "llama", seed: int = 7, scale: float = 0.05):
+    """Another model: the tiny model's weights, each scaled by 1 + N(0, scale) noise."""
+    model = make_tiny_model(arch)
     mx.random.seed(seed)
     model.update(tree_map(lambda p: p * (1 + scale * mx.random.normal(p.shape)),
                           model.parameters()))
@@ -98,16 +98,18 @@ def test_the_target_as_its_own_draft_accepts_every_draft():
     check_drained(llm)
 
 
-@pytest.mark.parametrize("kind", ["early exit (2 of 3 layers)", "perturbed weights"])
-def test_another_draft_model_keeps_greedy_exact(kind):
+@pytest.mark.parametrize(("arch", "kind"), [
+    ("llama", "early exit (2 of 3 layers)"), ("llama", "perturbed weights"),
+    ("gemma3_text", "perturbed weights")])  # sliding-window groups in the draft pool too
+def test_another_draft_model_keeps_greedy_exact(arch, kind):
     """A draft that is often wrong: rejections rewind both pools; output and logits stay
     plain decoding's, and every proposal continues the committed tokens."""
-    model = make_tiny_model("llama")
+    model = make_tiny_model(arch)
     ref = run(make_llm(model), PROMPTS)
     if kind.startswith("early"):
         llm, draft_model = draft_llm(model, model, layers=2), truncated(model, 2)
     else:
-        draft_model = perturbed()
+        draft_model = perturbed(arch)
         llm = draft_llm(model, draft_model)
     calls = recording(llm)
     got = run(llm, PROMPTS)
@@ -283,7 +285,7 @@ def _draft_kept_on_preemption(mp):
 
 
 def _early_exit_exact():
-    test_another_draft_model_keeps_greedy_exact("early exit (2 of 3 layers)")
+    test_another_draft_model_keeps_greedy_exact("llama", "early exit (2 of 3 layers)")
 
 
 @pytest.mark.parametrize(("plant", "check"), [
