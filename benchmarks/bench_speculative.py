@@ -114,6 +114,8 @@ def measure_task(engines: dict, prompts: list, params, repeats: int) -> dict:
     return {"plain_tok_s": out["plain"], "speculative_tok_s": out["speculative"],
             "ratio": out["speculative"] / out["plain"], "identical_tokens": same,
             "acceptance": spec["spec_accepted_tokens"] / max(1, spec["spec_proposed_tokens"]),
+            "draft_tokens": spec["spec_proposed_tokens"],
+            "accepted_tokens": spec["spec_accepted_tokens"],
             "tokens_per_step_seq": None,
             "runs": {side: [{k: v for k, v in r.items() if k != "token_ids"} for r in rs]
                      for side, rs in runs.items()}}
@@ -264,7 +266,8 @@ def main(argv=None) -> dict:
                                 draft_relative_cost=model.relative_cost)
             print(f"{task:>8} x{conc}: plain {r['plain_tok_s']:6.1f} tok/s, speculative "
                   f"{r['speculative_tok_s']:6.1f} tok/s, ratio {r['ratio']:.2f}, acceptance "
-                  f"{r['acceptance']:.2f}, identical {r['identical_tokens']}", flush=True)
+                  f"{r['acceptance']:.2f} of {r['draft_tokens']}, identical "
+                  f"{r['identical_tokens']}", flush=True)
     result["rows"] = rows
     if not args.no_row_cost:
         curve = row_cost(engines["plain"], context=64 if args.quick else 256)
