@@ -278,17 +278,23 @@ def main(argv=None) -> dict:
     stem = "speculative_quick" if args.quick else "speculative"
     result = merge_previous(out_dir / f"{stem}.json", result)
     write_json(stem, result, out_dir)
-    bar_plot(out_dir / f"{stem}.png", f"speculative / plain decode tokens/s ({name})",
-             {t: {_label(r): r["ratio"] for r in result["rows"] if r["task"] == t}
-              for t in dict.fromkeys(r["task"] for r in result["rows"])})
+    plot(out_dir / f"{stem}.png", name, result["rows"])
     return result
+
+
+def plot(path: Path, name: str, rows: list[dict]) -> None:
+    """Ratio bars per task: ng = prompt lookup, dN = draft of N layers (c0: draft_cost 0)."""
+    bar_plot(path, f"speculative / plain decode tokens/s ({name})",
+             {t: {_label(r): r["ratio"] for r in rows if r["task"] == t}
+              for t in dict.fromkeys(r["task"] for r in rows)})
 
 
 def _label(row: dict) -> str:
     method, layers, cost = variant(row)
-    if method == "draft":
-        method = f"draft{layers or ''}" + (f" c{cost:g}" if cost is not None else "")
-    return f"{method} x{row['concurrency']}"
+    short = "ng" if method == "ngram" else f"d{layers or ''}"
+    if cost is not None:
+        short += f"c{cost:g}"
+    return f"{short}\nx{row['concurrency']}"
 
 
 if __name__ == "__main__":
