@@ -1,4 +1,4 @@
-"""Speculative decoding (prompt lookup) vs plain decoding, same engine, same run.
+"""Speculative decoding (prompt lookup or a draft model) vs plain decoding, same engine, same run.
 
 Tasks: "grounded" (rewrite a given Jane Austen passage with one change, or edit a code
 file: the answer mostly copies the input, so n-gram drafts from the prompt pay) and
@@ -15,6 +15,12 @@ compute and the batch does not speculate).
 
     python benchmarks/bench_speculative.py                       # SmolLM2, ~10 minutes
     python benchmarks/bench_speculative.py --quick               # tiny random model
+    python benchmarks/bench_speculative.py --method draft --draft-layers 24 --no-row-cost
+
+`--method draft` drafts with `--draft-model` (default: the target itself) cut to its first
+`--draft-layers` layers (an early-exit draft sharing the target's weights). Its rows are
+written with "method": "draft" (and the draft's layers and cost) next to the rows of
+other methods and settings already in the JSON, which are kept.
 """
 
 # ruff: noqa: I001  (benchmarks/_common must be imported before mlx: it preloads OpenBLAS)
@@ -108,6 +114,8 @@ def measure_task(engines: dict, prompts: list, params, repeats: int) -> dict:
     return {"plain_tok_s": out["plain"], "speculative_tok_s": out["speculative"],
             "ratio": out["speculative"] / out["plain"], "identical_tokens": same,
             "acceptance": spec["spec_accepted_tokens"] / max(1, spec["spec_proposed_tokens"]),
+            "draft_tokens": spec["spec_proposed_tokens"],
+            "accepted_tokens": spec["spec_accepted_tokens"],
             "tokens_per_step_seq": None,
             "runs": {side: [{k: v for k, v in r.items() if k != "token_ids"} for r in rs]
                      for side, rs in runs.items()}}
@@ -163,10 +171,47 @@ def build_engines(loaded, args) -> dict:
     from mlxkv.llm import LLM
 
     base = EngineConfig(cache=CacheConfig(memory_budget_bytes=args.kv_memory))
-    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=args.k,
-                             free_rows=args.free_rows)
+    draft = {}
+    if args.method == "draft":
+        draft = {"draft_model": args.draft_model or args.model or "tiny",
+                 "draft_layers": args.draft_layers, "draft_cost": args.draft_cost}
+    spec = SpeculativeConfig(method=args.method, num_speculative_tokens=args.k,
+                             free_rows=args.free_rows, **draft)
+    # --quick: the tiny model has no folder to load the draft from: it drafts for itself
+    own = loaded if args.method == "draft" and isinstance(loaded, tuple) else None
     return {"plain": LLM(base, loaded=loaded).engine,
-            "speculative": LLM(replace(base, speculative=spec), loaded=loaded).engine}
+            "speculative": LLM(replace(base, speculative=spec), loaded=loaded,
+                               draft=own).engine}
+
+
+def variant(row: dict) -> tuple:
+    """What a row measured besides its cell: the method and the draft's settings."""
+    return (row.get("method", "ngram"), row.get("draft_layers"), row.get("draft_cost"))
+
+
+def merge_previous(path: Path, result: dict) -> dict:
+    """Keep the rows (and row-cost curve) of other variants already in `path`; each
+    variant's run header goes under "runs" (the top-level header is this run's)."""
+    if not path.is_file():
+        return result
+    import json
+
+    old = json.loads(path.read_text())
+    runs = old.get("runs") or {}
+    for row in old.get("rows", []):
+        row.setdefault("method", "ngram")
+        key = "/".join(str(v) for v in variant(row))
+        runs.setdefault(key, {k: old[k] for k in ("timestamp", "git_revision", "settings")
+                              if k in old})
+    mine = {variant(r) for r in result["rows"]}
+    result["rows"] = [r for r in old.get("rows", []) if variant(r) not in mine] + result["rows"]
+    for key in mine:
+        runs["/".join(str(v) for v in key)] = {k: result[k] for k in
+                                               ("timestamp", "git_revision", "settings")}
+    result["runs"] = runs
+    if "row_cost" not in result and "row_cost" in old:
+        result["row_cost"] = old["row_cost"]
+    return result
 
 
 def main(argv=None) -> dict:
@@ -182,11 +227,18 @@ def main(argv=None) -> dict:
     p.add_argument("--free-rows", type=float, default=8.0)
     p.add_argument("--kv-memory", type=int, default=256 << 20)
     p.add_argument("--no-row-cost", action="store_true")
+    p.add_argument("--method", default="ngram", choices=["ngram", "draft"])
+    p.add_argument("--draft-model", default=None, help="default: the target model")
+    p.add_argument("--draft-layers", type=int, default=None)
+    p.add_argument("--draft-cost", type=float, default=None,
+                   help="draft step / target step for the sizing (default: parameter ratio)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.quick:
         args.max_tokens, args.concurrency, args.repeats = 16, [1, 2], 1
         args.passage_chars = 120
+        if args.method == "draft" and args.draft_layers is None:
+            args.draft_layers = 2  # of the tiny model's 3
     if not args.quick and args.model is None:
         args.model = "smollm2-135m-instruct"
     loaded, name = load_model_for(args)
@@ -207,10 +259,15 @@ def main(argv=None) -> dict:
                 for key in e.speculator.counters:
                     e.speculator.counters[key] = 0
             r = measure_task(engines, prompts, params, args.repeats)
-            rows.append({"task": task, "concurrency": conc, **r})
+            rows.append({"task": task, "concurrency": conc, "method": args.method, **r})
+            if args.method == "draft":
+                model = engines["speculative"].speculator.model
+                rows[-1].update(draft_layers=args.draft_layers, draft_cost=args.draft_cost,
+                                draft_relative_cost=model.relative_cost)
             print(f"{task:>8} x{conc}: plain {r['plain_tok_s']:6.1f} tok/s, speculative "
                   f"{r['speculative_tok_s']:6.1f} tok/s, ratio {r['ratio']:.2f}, acceptance "
-                  f"{r['acceptance']:.2f}, identical {r['identical_tokens']}", flush=True)
+                  f"{r['acceptance']:.2f} of {r['draft_tokens']}, identical "
+                  f"{r['identical_tokens']}", flush=True)
     result["rows"] = rows
     if not args.no_row_cost:
         curve = row_cost(engines["plain"], context=64 if args.quick else 256)
@@ -219,11 +276,25 @@ def main(argv=None) -> dict:
                                               for c in curve), f"-> R0 {fit_r0(curve):.1f}")
     out_dir = Path(args.out) if args.out else RESULTS
     stem = "speculative_quick" if args.quick else "speculative"
+    result = merge_previous(out_dir / f"{stem}.json", result)
     write_json(stem, result, out_dir)
-    bar_plot(out_dir / f"{stem}.png", f"speculative / plain decode tokens/s ({name})",
-             {f"{t}": {f"x{r['concurrency']}": r["ratio"] for r in rows if r["task"] == t}
-              for t in args.tasks})
+    plot(out_dir / f"{stem}.png", name, result["rows"])
     return result
+
+
+def plot(path: Path, name: str, rows: list[dict]) -> None:
+    """Ratio bars per task: ng = prompt lookup, dN = draft of N layers (c0: draft_cost 0)."""
+    bar_plot(path, f"speculative / plain decode tokens/s ({name})",
+             {t: {_label(r): r["ratio"] for r in rows if r["task"] == t}
+              for t in dict.fromkeys(r["task"] for r in rows)})
+
+
+def _label(row: dict) -> str:
+    method, layers, cost = variant(row)
+    short = "ng" if method == "ngram" else f"d{layers or ''}"
+    if cost is not None:
+        short += f"c{cost:g}"
+    return f"{short}\nx{row['concurrency']}"
 
 
 if __name__ == "__main__":

@@ -155,6 +155,10 @@ class AsyncEngine:
 
     def _run(self, build: Callable[[], LLMEngine] | None) -> None:
         if not self._build(build):
+            # Parked, not ended: at thread exit MLX's thread-local teardown takes the GIL,
+            # and when that races the caller's interpreter exit (it raises the build error,
+            # often straight to sys.exit) the process aborts with status 134.
+            self._stop.wait()
             return
         try:
             while not self._stop.is_set():

@@ -128,13 +128,20 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class SpeculativeConfig:
-    """Speculative decoding (mlxkv.speculative). `method` "off" (the default) or "ngram"
-    (prompt lookup) is what requests that do not set `SamplingParams.speculative` get.
+    """Speculative decoding (mlxkv.speculative). `method` "off" (the default), "ngram"
+    (prompt lookup) or "draft" (a draft model) is what requests that do not set
+    `SamplingParams.speculative` get; a request that opts in under "off" gets prompt lookup.
 
     `num_speculative_tokens` caps the drafts per request and step; `ngram_min`/`ngram_max`
     bound the n-gram sizes matched; `free_rows` is how many query rows a step runs in the
     time of one (memory-bound; beyond it the batch is compute-bound and does not draft; see
     mlxkv.speculative); `acceptance_decay` weighs the acceptance history of a request.
+
+    Method "draft" (mlxkv.draft_model): `draft_model` names the draft (what `--model`
+    accepts; it must share the target's vocabulary), `draft_layers` keeps only its first
+    L layers (an early-exit draft: SmolLM2 drafting for itself), and `draft_cost` is one
+    draft step's time relative to one target step (None: the ratio of their parameter
+    counts), which the sizing charges for every draft position.
     """
 
     method: str = "off"
@@ -143,9 +150,23 @@ class SpeculativeConfig:
     ngram_max: int = 4
     free_rows: float = 8.0
     acceptance_decay: float = 0.8
+    draft_model: str | None = None
+    draft_layers: int | None = None
+    draft_cost: float | None = None
 
     def __post_init__(self) -> None:
-        _check(self.method in ("off", "ngram"), "speculative", "'off' or 'ngram'")
+        _check(self.method in ("off", "ngram", "draft"), "speculative",
+               "'off', 'ngram' or 'draft'")
+        if self.method == "draft" and not self.draft_model:
+            raise ValueError("--speculative draft needs a draft model: pass --draft-model "
+                             "NAME_OR_PATH (a model sharing the target's tokenizer)")
+        if self.draft_model and self.method != "draft":
+            raise ValueError("--draft-model is only used with --speculative draft")
+        if self.draft_layers is not None and not self.draft_model:
+            raise ValueError("--draft-layers needs --draft-model")
+        _check(self.draft_layers is None or self.draft_layers >= 1, "draft_layers",
+               ">= 1 or None")
+        _check(self.draft_cost is None or self.draft_cost >= 0, "draft_cost", ">= 0 or None")
         _check(1 <= self.num_speculative_tokens <= 15, "num_speculative_tokens", "in 1..15")
         _check(1 <= self.ngram_min <= self.ngram_max, "ngram_min", "in 1..ngram_max")
         _check(self.free_rows >= 1, "free_rows", ">= 1")
@@ -193,11 +214,20 @@ class EngineConfig:
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--no-kernel-selfcheck", action="store_true",
                        help="skip the start-up check of the accelerator kernels")
-        g.add_argument("--speculative", default="off", choices=["off", "ngram"],
+        g.add_argument("--speculative", default="off", choices=["off", "ngram", "draft"],
                        help="speculative decoding for requests that do not choose: off "
-                            "(default) or ngram (prompt lookup)")
+                            "(default), ngram (prompt lookup) or draft (--draft-model)")
         g.add_argument("--num-speculative-tokens", type=int, default=8,
                        help="most draft tokens verified per request and step")
+        g.add_argument("--draft-model", default=None,
+                       help="draft model for --speculative draft (what --model accepts; "
+                            "same tokenizer as the target)")
+        g.add_argument("--draft-layers", type=int, default=None,
+                       help="use only the draft model's first N layers (early exit; "
+                            "e.g. --draft-model smollm2-135m-instruct --draft-layers 8)")
+        g.add_argument("--draft-cost", type=float, default=None,
+                       help="a draft step's time relative to a target step, for sizing "
+                            "drafts (default: the ratio of their parameter counts)")
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> EngineConfig:
@@ -233,6 +263,9 @@ class EngineConfig:
             speculative=SpeculativeConfig(
                 method=get("speculative", "off"),
                 num_speculative_tokens=get("num_speculative_tokens", 8),
+                draft_model=get("draft_model"),
+                draft_layers=get("draft_layers"),
+                draft_cost=get("draft_cost"),
             ),
             seed=get("seed", 0),
             kernel_selfcheck=base.kernel_selfcheck and not get("no_kernel_selfcheck", False),

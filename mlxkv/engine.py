@@ -18,8 +18,11 @@ while the drafter finds drafts in the known tokens, and a step that verifies dra
 never overlapped (how many tokens it accepts is known only after it evaluates).
 
 Speculative decoding (#18, docs/speculative.md): before an unpipelined schedule the
-Speculator sets drafts; a speculating sequence runs 1 + k query rows, verified lazily in
-execute (mlxkv.spec_verify); the output processor accepts, trims and commits. The engine is the only code that joins requests to arrays.
+Speculator sets drafts (prompt lookup, or k batched greedy steps of a draft model with its
+own pool, mlxkv.draft_model); a speculating sequence runs 1 + k query rows, verified
+lazily in execute (mlxkv.spec_verify); the output processor accepts, trims and commits,
+and rewinds the draft model's cache to the committed tokens. The engine is the only code
+that joins requests to arrays.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import mlx.core as mx
 
 from mlxkv.cache_manager import KVCacheManager
 from mlxkv.config import EngineConfig
+from mlxkv.draft_model import DraftModel
 from mlxkv.errors import InvalidRequestError
 from mlxkv.inputs import SeqEntry, build_batch
 from mlxkv.kernels.selfcheck import make_kernel_guard
@@ -82,11 +86,19 @@ class LLMEngine:
         self.logits_sink: Callable[[list[str], mx.array], None] | None = None
 
     @classmethod
-    def from_config(cls, config: EngineConfig | None = None, loaded=None) -> LLMEngine:
-        """Load the model (unless `loaded` is given) and size the pool from the budget."""
+    def from_config(cls, config: EngineConfig | None = None, loaded=None,
+                    draft=None) -> LLMEngine:
+        """Load the model (unless `loaded` is given) and size the pool from the budget;
+        `draft`: the draft model of `--speculative draft` (else loaded from the config)."""
         from mlxkv.engine_factory import build_engine
 
-        return build_engine(cls, config or EngineConfig(), loaded)
+        return build_engine(cls, config or EngineConfig(), loaded, draft)
+
+    def attach_draft(self, draft: DraftModel) -> None:
+        """Speculate with a draft model (its own pool; mlxkv.draft_model) under the
+        engine's SpeculativeConfig; its attention goes through this engine's kernels."""
+        draft.runner.decode_op = self.kernels.install(draft.store)
+        self.speculator = Speculator(self.config.speculative, model=draft)
 
     # -- requests ------------------------------------------------------------------------
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
@@ -177,7 +189,8 @@ class LLMEngine:
         penalties, a grammar whose mask needs the previous token, or drafts (looked up from
         the tokens; rejected ones are trimmed at update). Speculation stops the overlap only
         while the drafter finds a draft worth its rows in the tokens known now: free-form
-        text with no n-gram match keeps pipelining."""
+        text with no n-gram match keeps pipelining. (A step that verifies drafts never
+        overlaps the next: how many tokens it adds is known only at its update.)"""
         running = self.scheduler.running
         if any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty
                or r.params.frequency_penalty or r.params.json_schema is not None
@@ -339,6 +352,8 @@ class LLMEngine:
         stats = self.cache.stats(bytes_per_block=bpb)
         stats["preemptions"] = self.scheduler.num_preemptions
         stats["attention"] = self.kernels.report()
+        if self.speculator.model is not None:
+            stats["draft"] = self.speculator.model.stats()
         return stats
 
     def metrics(self) -> dict:

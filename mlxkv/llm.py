@@ -15,12 +15,15 @@ from mlxkv.sampling import SamplingParams
 class LLM:
     """`LLM()` loads the embedded default model; `LLM("path-or-name")` or `LLM(EngineConfig)`."""
 
-    def __init__(self, model: str | EngineConfig | None = None, *, loaded=None, **config_kw):
+    def __init__(self, model: str | EngineConfig | None = None, *, loaded=None, draft=None,
+                 **config_kw):
+        """`loaded` / `draft`: a LoadedModel or (model, tokenizer) instead of loading the
+        model / the draft model of `--speculative draft`."""
         if isinstance(model, EngineConfig):
             config = model
         else:
             config = EngineConfig(model=ModelConfig(model=model), **config_kw)
-        self.engine = LLMEngine.from_config(config, loaded=loaded)
+        self.engine = LLMEngine.from_config(config, loaded=loaded, draft=draft)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

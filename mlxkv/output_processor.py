@@ -10,8 +10,9 @@ stops (eos, stop ids, max_tokens, max_model_len, stop strings), detokenizes and 
 finished requests; full computed blocks are committed to the prefix index first. A
 speculating sequence's verdicts are resolved here too: its accepted drafts and the
 correction or bonus token are appended in order, the accepted drafts count as computed,
-and the rejected drafts' slots are trimmed. No other module writes these fields of a
-Request.
+and the rejected drafts' slots are trimmed (in the draft model's pool too, when drafts
+come from one: `Speculator.rewind` after every update, `release` when a request finishes
+or is preempted). No other module writes these fields of a Request.
 
 Update of step N may run after step N + 1 was launched (LLMEngine pipelines), so a
 request finished here may still own a row of the step in flight: that row is dropped.
@@ -123,6 +124,9 @@ class OutputProcessor:
         mark parents whose fork rows were sampled, and commit the full blocks whose tokens
         are known (before the next allocation can drop them out of a window)."""
         advance_progress(out)
+        if self.speculator is not None:
+            for req in out.preempted:  # recomputed from scratch: so is its draft KV
+                self.speculator.release(req)
         for req, fork in rows:
             req.forked = req.forked or fork > 0
         for s in out.scheduled:
@@ -158,6 +162,9 @@ class OutputProcessor:
                 self.fail(req, f"{type(exc).__name__}: {exc}")
         if step.spec:
             outputs += self._update_spec(step, now)
+        if self.speculator is not None:  # a draft model keeps the KV of accepted drafts
+            for req in self.scheduler.running:  # (also of drafts the step never verified)
+                self.speculator.rewind(req)
         return outputs + self.take_pending()
 
     def _update_spec(self, step: StepResult, now: float) -> list[RequestOutput]:
@@ -312,6 +319,8 @@ class OutputProcessor:
         self.detokenizers.pop(req.request_id, None)
         if self.structured is not None:
             self.structured.release(req.request_id)
+        if self.speculator is not None:
+            self.speculator.release(req)
         if emit:
             self._pending.append(self._output(req, [], ""))
 

@@ -10,7 +10,9 @@ bonus token:
 
 Greedy rows accept d_i iff it is the argmax, and alt is the argmax: the output equals
 plain greedy decoding token for token. Sampled rows follow the standard rejection rule for
-a deterministic drafter (a point-mass draft distribution): accept d_{i+1} with probability
+a deterministic drafter (a point-mass draft distribution q = one-hot(d): prompt lookup, and
+the draft model, which proposes its argmax even for sampled requests; either way d is a
+function of the committed tokens, never of this rule's draws): accept d_{i+1} with probability
 p_i(d_{i+1}); on rejection draw from p_i with d_{i+1} removed and renormalised; after k
 acceptances draw the bonus from p_k. Each emitted token is then distributed exactly as in
 plain sampling. p_i is the filtered, temperature-scaled distribution plain sampling uses.

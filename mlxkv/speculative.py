@@ -2,7 +2,8 @@
 
 Before each step the engine asks `Speculator.propose` for drafts: every running request in
 decode state that speculates gets up to k guessed continuation tokens in
-`request.spec_token_ids`. The scheduler only counts them (1 + k query rows); verification
+`request.spec_token_ids`, from prompt lookup (`NgramIndex`) or from a draft model (a
+`ModelDrafter`, mlxkv.draft_model: k batched greedy steps over every drafting request). The scheduler only counts them (1 + k query rows); verification
 (mlxkv.spec_verify) accepts a prefix of them, and the engine trims the rejected ones from the
 block table. Invariants:
 
@@ -25,13 +26,22 @@ tokens / cost and g >= MIN_GAIN:
 
 So a lone stream drafts up to F - 1 deep, and a batch that already fills F rows (this
 CPU's compute-bound point) does not speculate at all.
+
+A draft model is not free: drafting d deep runs d draft steps (one flat batch each, shared
+by every drafting request), each costing D = draft_cost * F row-times. The rows are sized
+as above, then every draft is capped at the depth d that maximises expected tokens over
+max(F, rows) + D * d (prompt lookup, D = 0, keeps every row). So the target drafting for
+itself (draft_cost 1) never drafts, and a cheap draft drafts deep only while it is
+accepted. The model drafter is sized before it runs (its drafts always have the full
+length); its cache is rewound to the committed tokens after each update (`rewind`) and
+freed with the request (`release`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from mlxkv.config import SpeculativeConfig
 
@@ -150,17 +160,37 @@ def can_speculate(request: Request, default_on: bool) -> bool:
             and request.num_computed_tokens > 0)
 
 
+class ModelDrafter(Protocol):
+    """A draft model keyed by request id (mlxkv.draft_model.DraftModel)."""
+
+    relative_cost: float  # one draft step's time / one target step's
+
+    def propose(self, seqs: Sequence[tuple[str, Sequence[int], int]]) -> list[list[int]]:
+        """Per (request_id, known token_ids, k): up to k greedy drafts (fewer or none when
+        its pool is short or its prompt is still being prefilled)."""
+
+    def rewind(self, request_id: str, token_ids: Sequence[int]) -> None:
+        """Keep only the KV of drafts that token_ids confirms."""
+
+    def free(self, request_id: str) -> None:
+        """Release the request's blocks (idempotent)."""
+
+
 class Speculator:
     """Proposes drafts for a batch and keeps the acceptance statistics."""
 
     def __init__(self, config: SpeculativeConfig,
-                 drafter: Callable[[Sequence[int], int], list[int]] | None = None):
+                 drafter: Callable[[Sequence[int], int], list[int]] | None = None,
+                 model: ModelDrafter | None = None):
         """`drafter(token_ids, max_drafts)` -> drafts; default: each request's NgramIndex
         (what `ngram_propose` with the config's n-gram sizes returns; tests pass oracle
-        drafters)."""
+        drafters). `model`: a draft model, which then drafts instead."""
         self.config = config
-        self.default_on = config.method == "ngram"
+        self.default_on = config.method in ("ngram", "draft")
         self.drafter = drafter  # None: each request's incremental NgramIndex
+        self.model = model
+        # row-times one draft step costs (module docstring); prompt lookup costs nothing
+        self.draft_step_cost = model.relative_cost * config.free_rows if model else 0.0
         self.counters = {"spec_proposed_tokens": 0, "spec_accepted_tokens": 0,
                          "spec_steps": 0}
 
@@ -175,9 +205,15 @@ class Speculator:
         return spec.index.propose(request.token_ids, max_drafts)
 
     def _candidates(self, running: Sequence[Request]):
+        """(acceptance, request, drafts) per request that may draft; a draft model's
+        drafts are placeholders of the length it may draft (it runs once sized)."""
+        k_max = self.config.num_speculative_tokens
         for req in running:
             if can_speculate(req, self.default_on):
-                drafts = self.draft(req)
+                if self.model is not None:
+                    drafts = [0] * max_drafts_allowed(req, k_max)
+                else:
+                    drafts = self.draft(req)
                 if drafts:
                     yield req.spec.acceptance, req, drafts
 
@@ -187,8 +223,14 @@ class Speculator:
             req.spec_token_ids = []
         candidates = list(self._candidates(running))
         take = self._size_drafts(candidates, num_rows=len(running))
-        for (_, req, drafts), num in zip(candidates, take, strict=True):
-            req.spec_token_ids = drafts[:num]
+        chosen = [(req, drafts[:num]) for (_, req, drafts), num in
+                  zip(candidates, take, strict=True) if num]
+        if self.model is not None and chosen:
+            drafts = self.model.propose([(req.request_id, req.token_ids, len(d))
+                                         for req, d in chosen])
+            chosen = [(req, d) for (req, _), d in zip(chosen, drafts, strict=True)]
+        for req, drafts in chosen:
+            req.spec_token_ids = drafts
 
     def would_draft(self, running: Sequence[Request]) -> bool:
         """Whether `propose` would give any request a draft, judged from the tokens known
@@ -198,7 +240,8 @@ class Speculator:
         return any(self._size_drafts(candidates, num_rows=len(running)))
 
     def _size_drafts(self, candidates, num_rows: int) -> list[int]:
-        """How many drafts of each candidate pay for their rows (module docstring)."""
+        """How many drafts of each candidate pay for their rows (module docstring), then,
+        for a draft model, the depth that pays for its draft steps too."""
         gains = [(alpha**j, n, j) for n, (alpha, _, drafts) in enumerate(candidates)
                  for j in range(1, len(drafts) + 1)]
         gains.sort(key=lambda g: -g[0])
@@ -212,7 +255,32 @@ class Speculator:
                 take[n] = j
                 rows += 1
                 tokens += gain
-        return take
+        return self._cap_depth(take, candidates, num_rows) if self.draft_step_cost else take
+
+    def _cap_depth(self, take: list[int], candidates, num_rows: int) -> list[int]:
+        """Cap every draft at the depth d that maximises expected tokens / cost, where
+        cost = max(F, rows) + D * d (d draft steps, shared by every drafting request)."""
+        alphas = [alpha for alpha, _, _ in candidates]
+
+        def ratio(depth: int) -> float:
+            capped = [min(t, depth) for t in take]
+            tokens = num_rows + sum(a**j for a, t in zip(alphas, capped, strict=True)
+                                    for j in range(1, t + 1))
+            cost = max(self.config.free_rows, num_rows + sum(capped))
+            return tokens / (cost + self.draft_step_cost * depth)
+
+        best = max(range(max(take, default=0) + 1), key=lambda d: (ratio(d), -d))
+        return [min(t, best) for t in take]
+
+    def rewind(self, request: Request) -> None:
+        """After an update: the draft model keeps only the KV its drafts earned."""
+        if self.model is not None:
+            self.model.rewind(request.request_id, request.token_ids)
+
+    def release(self, request: Request) -> None:
+        """The request finished or was preempted: free its draft-model blocks."""
+        if self.model is not None:
+            self.model.free(request.request_id)
 
     def record(self, request: Request, num_drafts: int, num_accepted: int) -> None:
         """Account one verification of request's drafts."""

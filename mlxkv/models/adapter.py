@@ -132,6 +132,29 @@ def group_specs_for(model) -> list[KVGroupSpec]:
     return make_group_specs(layer_windows(model), heads, dims)
 
 
+def truncated(model, num_layers: int):
+    """The model's first num_layers layers, then its final norm and LM head (an early-exit
+    draft). A shallow copy: it shares every weight array with `model`, which is unchanged.
+
+    Raises:
+        ValueError: num_layers outside 1..len(model.layers), or an architecture whose
+            layer list cannot be cut (its caches would not match its layers).
+    """
+    import copy
+
+    total = len(model.layers)
+    if not 1 <= num_layers <= total:
+        raise ValueError(f"--draft-layers must be in 1..{total} (the draft has {total} layers)")
+    if num_layers == total:
+        return model
+    draft = copy.copy(model)
+    draft.model = copy.copy(model.model)
+    draft.model.layers = model.model.layers[:num_layers]
+    if len(layer_windows(draft)) != num_layers:
+        raise ValueError(f"{model_type(model)} models cannot be cut to their first layers")
+    return draft
+
+
 def _lm_head(model, hidden: mx.array) -> mx.array:
     args = getattr(model, "args", None)
     tied = getattr(model, "tie_word_embeddings", getattr(args, "tie_word_embeddings", False))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from oracles import make_llm
 
-from mlxkv.config import SpeculativeConfig
+from mlxkv.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from mlxkv.llm import LLM
 from mlxkv.speculative import Speculator
 
 
@@ -17,6 +18,23 @@ def spec_llm(model, drafter=None, free_rows: float = 1000.0, k: int = 6, **llm_k
                                num_speculative_tokens=k)
     llm.engine.speculator = Speculator(config, drafter)
     return llm
+
+
+def draft_llm(model, draft, layers: int | None = None, draft_cost: float = 0.0,
+              free_rows: float = 1000.0, k: int = 6, num_blocks: int = 256,
+              max_batched: int = 512, max_seqs: int = 32) -> LLM:
+    """A tokenizer-less tiny-model LLM speculating with the draft model `draft` (its first
+    `layers` layers), built through the production path (EngineConfig, engine_factory).
+
+    draft_cost 0 and a large free_rows: every position the draft may propose is verified."""
+    spec = SpeculativeConfig("draft", num_speculative_tokens=k, free_rows=free_rows,
+                             draft_model="tiny-draft", draft_layers=layers,
+                             draft_cost=draft_cost)
+    config = EngineConfig(
+        cache=CacheConfig(block_size=4, num_blocks=num_blocks),
+        scheduler=SchedulerConfig(max_num_batched_tokens=max_batched, max_num_seqs=max_seqs),
+        speculative=spec)
+    return LLM(config, loaded=(model, None), draft=(draft, None))
 
 
 def oracle_drafter(continuations, corrupt_every: int = 4):

@@ -8,9 +8,8 @@ pools, prefix hits and forks sharing a copy-on-write tail.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import random
+from dataclasses import replace
 
 import pytest
 from oracles import PROMPT, assert_same, make_llm, run
@@ -21,8 +20,13 @@ from mlxkv.llm import LLM
 from mlxkv.models.tiny import make_tiny_model
 from mlxkv.request import Request
 from mlxkv.sampling import SamplingParams
-from mlxkv.speculative import (NgramIndex, Speculator, can_speculate, max_drafts_allowed,
-                               ngram_propose)
+from mlxkv.speculative import (
+    NgramIndex,
+    Speculator,
+    can_speculate,
+    max_drafts_allowed,
+    ngram_propose,
+)
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
@@ -105,6 +109,34 @@ def test_sizing_drafts_deep_alone_and_not_at_all_in_a_big_batch():
     assert proposed(8, accepted_history=10) == [0] * 8  # compute-bound: no drafts
 
 
+class _CostOnly:
+    """A ModelDrafter for sizing only (propose is never reached in these checks)."""
+
+    def __init__(self, relative_cost: float):
+        self.relative_cost = relative_cost
+
+
+def test_sizing_charges_each_draft_model_step():
+    """A draft step costs relative_cost target steps, shared by every drafting request:
+    free (0) sizes as prompt lookup does; the target drafting for itself (1) never pays;
+    a cheap draft drafts shallow until its drafts are accepted."""
+    def depths(cost, num_running=1, accepted_history=0):
+        config = SpeculativeConfig(method="draft", draft_model="d", free_rows=8.0)
+        spec = Speculator(config, model=_CostOnly(cost))
+        reqs = [decoding(SamplingParams(max_tokens=99)) for _ in range(num_running)]
+        for r in reqs:
+            for _ in range(accepted_history):
+                spec.record(r, 8, 8)
+        return spec._size_drafts(list(spec._candidates(reqs)), len(reqs))
+
+    assert depths(0.0) == [3] and depths(0.0, accepted_history=10) == [7]  # as n-gram
+    assert depths(1.0) == [0] and depths(1.0, accepted_history=10) == [0]
+    assert depths(0.3) == [1]  # prior 1/2: a second step would cost more than it yields
+    assert depths(0.3, accepted_history=10) == [7]
+    assert depths(0.3, num_running=4, accepted_history=10) == [1, 1, 1, 1]
+    assert depths(0.3, num_running=8, accepted_history=10) == [0] * 8
+
+
 # -- greedy exactness in the continuous batch --------------------------------------------
 def check_spec_vs_plain(model, prompts, params=GREEDY, corrupt_every=4, atol=1e-3, **llm_kw):
     """Speculating (oracle drafts with rejections) == plain, logits at every accepted token."""
@@ -166,6 +198,31 @@ def test_steps_pipeline_while_the_drafter_finds_nothing():
     got = run(spec_llm(model, sometimes), prompts, GREEDY)
     for key, want in ref.items():
         assert_same(got[key], want, f"pipelined speculation {key}")
+
+
+def test_a_step_that_verifies_drafts_does_not_pipeline_the_next():
+    """The next step's sizing may find no draft worth its rows (a request admitted in the
+    step that verifies r0's drafts fills the free rows), yet the step in flight still
+    verifies drafts: its requests' next inputs are known only at its update, so it must
+    not overlap the next step (this used to fail r0 with a KeyError)."""
+    model = make_tiny_model("llama")
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = [PROMPT[:13], PROMPT[4:21]]
+    ref = run(make_llm(model), prompts, params)
+    fulls = [p + ref[f"r{i}"].token_ids for i, p in enumerate(prompts)]
+    engine = spec_llm(model, oracle_drafter(fulls, corrupt_every=3), free_rows=2.0).engine
+    engine.add_request("r0", prompts[0], params)
+    tokens = {"r0": [], "r1": []}
+    num_steps = 0
+    while engine.has_unfinished():
+        if num_steps == 3:  # r0 is decoding with a draft: r1's prefill joins its step
+            engine.add_request("r1", prompts[1], params)
+        for out in engine.step():
+            assert out.finish_reason != "error", out.error
+            tokens[out.request_id] += out.new_token_ids
+        num_steps += 1
+    assert tokens == {key: trace.token_ids for key, trace in ref.items()}
+    assert engine.speculator.counters["spec_accepted_tokens"] > 0
 
 
 def _verifying(batch) -> bool:

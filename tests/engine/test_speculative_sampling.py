@@ -12,9 +12,10 @@ from collections import Counter
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from oracles import PROMPT
 from scipy.stats import chisquare
-from spec_helpers import spec_llm
+from spec_helpers import draft_llm, spec_llm
 
 from mlxkv.models.tiny import make_tiny_model
 from mlxkv.sampling import SamplingParams
@@ -69,9 +70,12 @@ def test_rejection_sampler_keeps_each_position_distribution():
     assert chi2_pvalue(first, P[0]) < 1e-6
 
 
-def test_engine_sampling_with_drafts_keeps_the_distribution():
+@pytest.mark.parametrize("drafter", ["greedy oracle", "draft model"])
+def test_engine_sampling_with_drafts_keeps_the_distribution(drafter):
     """Tiny model, temperature 1: after token t1, the verified token and the bonus token
-    follow the model's conditional distributions."""
+    follow the model's conditional distributions. The draft is the model's own argmax:
+    from a test drafter, or from the model drafting for itself (`--speculative draft`,
+    which always proposes greedily: a point mass, so the rejection rule stays exact)."""
     model = make_tiny_model("llama")
     prompt = PROMPT[:20]
 
@@ -81,7 +85,10 @@ def test_engine_sampling_with_drafts_keeps_the_distribution():
     def greedy_drafter(ids, max_drafts):
         return [int(np.argmax(probs(ids)))][:max_drafts]
 
-    llm = spec_llm(model, greedy_drafter, max_seqs=128, num_blocks=1024)
+    if drafter == "draft model":
+        llm = draft_llm(model, model, max_seqs=128, num_blocks=1024)
+    else:
+        llm = spec_llm(model, greedy_drafter, max_seqs=128, num_blocks=1024)
     params = SamplingParams(max_tokens=3, temperature=1.0, ignore_eos=True)
     outs = llm.generate([prompt] * 600, params)
     t1 = Counter(o["token_ids"][0] for o in outs).most_common(1)[0][0]
