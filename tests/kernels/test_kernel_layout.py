@@ -11,6 +11,7 @@ import pytest
 
 from mlxkv.codec import get_codec
 from mlxkv.codec.base import AFFINE, D4, E8, IDENTITY, LLOYD, KernelLayout
+from mlxkv.codec.lloyd import levels
 from mlxkv.kernels.kv_encode import is_kernel_supported as encode_supported
 from mlxkv.kernels.paged_attention_cpu import _layer_plan
 from mlxkv.kernels.paged_attention_quant import codec_kind
@@ -40,6 +41,10 @@ def test_every_codec_describes_its_pool_components(name):
         assert layout.group_size == 64 and layout.bits == int(name[3:])
     if layout.kind == LLOYD:
         assert len(layout.levels) == 2**layout.bits
+        # exactly the fp32 levels the codec encodes and decodes with (the compiled encode
+        # rebuilds its thresholds from them)
+        assert mx.array_equal(mx.array(layout.levels, dtype=mx.float32),
+                              levels(codec.bits, codec.gain)).item()
 
 
 class Unknown:
