@@ -13,6 +13,7 @@ from mlxkv.codec import get_codec
 from mlxkv.codec.base import AFFINE, D4, E8, IDENTITY, LLOYD, KernelLayout
 from mlxkv.codec.lloyd import levels
 from mlxkv.kernels.kv_encode import is_kernel_supported as encode_supported
+from mlxkv.kernels.kv_encode_cpu import is_write_supported
 from mlxkv.kernels.paged_attention_cpu import _layer_plan
 from mlxkv.kernels.paged_attention_quant import codec_kind
 
@@ -57,6 +58,7 @@ class Unknown:
 def test_unknown_layouts_go_to_the_reference():
     assert codec_kind(Unknown()) is None
     assert not encode_supported(mx.zeros((1, 64)), Unknown())
+    assert not is_write_supported(mx.zeros((1, 64)), Unknown())
     ident = get_codec("fp32").kernel_layout
     assert _layer_plan(Unknown.kernel_layout, Unknown.kernel_layout, 64) is None
     assert _layer_plan(ident, Unknown.kernel_layout, 64) is None
