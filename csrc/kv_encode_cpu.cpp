@@ -10,9 +10,12 @@
 // whose inputs MLX never donates.
 #include "kv_encode_cpu.h"
 
+#include <algorithm>
+#include <cfenv>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <thread>
 
 #include "encode.h"
 #include "mlx/allocator.h"
@@ -72,6 +75,34 @@ void run_copy(const PoolCopy& c) {
   }
 }
 
+constexpr int64_t kMinRowsPerThread = 512; // ~0.5 ms of E8 rows: worth a std::thread
+
+// Rows over std::threads once there are enough of them (prefill chunks); a decode step's
+// few rows stay on the stream's thread. Workers take the stream thread's floating-point
+// environment (rounding, denormal flags), under which MLX ran the ops this mirrors. Rows
+// go to disjoint slots (the engine's slots are distinct), so the threads never race.
+void run_rows(const EncodeJob& j) {
+  const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
+  const int64_t n = j.codes == nullptr ? 1 : std::min(cores, j.N / kMinRowsPerThread);
+  if (n <= 1) {
+    encode_rows(j, 0, j.N);
+    return;
+  }
+  std::fenv_t env;
+  std::fegetenv(&env);
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < n; ++t) {
+    pool.emplace_back([&j, &env, t, n] {
+      std::fesetenv(&env);
+      encode_rows(j, j.N * t / n, j.N * (t + 1) / n);
+    });
+  }
+  encode_rows(j, 0, j.N / n);
+  for (auto& th : pool) {
+    th.join();
+  }
+}
+
 EncodeKind parse_kind(const std::string& kind) {
   if (kind == "e8") return EncodeKind::e8;
   if (kind == "d4") return EncodeKind::d4;
@@ -117,7 +148,7 @@ void KVEncode::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>
   }
   enc.set_output_array(out[0]);
   enc.set_output_array(out[1]);
-  enc.dispatch([j]() { encode_rows(j, 0, j.N); });
+  enc.dispatch([j]() { run_rows(j); });
 }
 
 void KVEncode::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
@@ -153,7 +184,7 @@ void KVEncodeWrite::eval_cpu(const std::vector<mx::array>& in, mx::array& out) {
   enc.set_output_array(out);
   enc.dispatch([j, copy]() {
     run_copy(copy);
-    encode_rows(j, 0, j.N);
+    run_rows(j);
   });
 }
 

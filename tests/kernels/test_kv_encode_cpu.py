@@ -91,6 +91,21 @@ def test_half_precision_rows_match(dtype):
         assert_bit_identical(kv_encode_cpu_kernel(x=x, codec=codec), codec.encode(x))
 
 
+def test_a_prefill_sized_write_split_over_threads_matches():
+    """1,200 rows (more than one thread's share): codes and pools as codec.encode's."""
+    x = edge_rows(600, 64, seed=11)
+    codec = get_codec("e8m3", seed=4)
+    assert_bit_identical(kv_encode_cpu_kernel(x=x, codec=codec), codec.encode(x))
+    pools = {"codes": mx.zeros((40, 16, 2, 24), dtype=mx.uint8),
+             "scale": mx.zeros((40, 16, 2, 1), dtype=mx.float16)}
+    slots = mx.array(np.random.default_rng(0).permutation(640)[:600].astype(np.int32))
+    got = kv_write_cpu_kernel(pools=pools, codec=codec, slot_mapping=slots, x=x)
+    want = codec.encode(x)
+    assert mx.array_equal(got["codes"].reshape(-1, 2, 24)[slots], want["codes"]).item()
+    assert mx.array_equal(got["scale"].reshape(-1, 2, 1)[slots].view(mx.uint16),
+                          want["scale"].view(mx.uint16)).item()
+
+
 def _tie_targets(width: int, bits: int, seed: int) -> mx.array:
     """Targets on a quarter grid (rint ties, equal costs), a few out of the box."""
     rng = np.random.default_rng(seed)
