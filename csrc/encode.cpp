@@ -5,8 +5,9 @@
 // What each line mirrors (MLX 0.32 CPU backend, simd width 1 off Apple):
 //   mx.sum / mx.mean     acc = 0, acc = acc + x_i in index order; mean = sum * (1 / D)
 //   x ** 2               powf(x, 2) (not x * x: glibc's powf differs by 1 ulp on ~1e-4
-//                        of inputs), see square_like_powf
-//   mx.round             rint (half to even)      mx.maximum/minimum  NaN-propagating a
+//                        of inputs), see square
+//   mx.round             rint (half to even), see round_even
+//   mx.maximum/minimum   NaN-propagating in the first argument
 //   astype(float16)      MLX's float16_t (the library's own rounding code)
 //   mx.argmin            first index of the minimum (strict <, starting at element 0)
 #include "encode.h"
@@ -47,6 +48,19 @@ float from_half(uint16_t u) {
   return static_cast<float>(h);
 }
 
+inline double from_bits64(uint64_t u) {
+  double d;
+  std::memcpy(&d, &u, sizeof d);
+  return d;
+}
+
+// rint (mx.round) without a libm call: adding and removing 1.5 * 2^23 rounds |x| < 2^22 to
+// an integer in the current rounding mode, as rint does. Only the sign of a zero result can
+// differ (rint(-0.3) = -0.0), and no later operation of the search can see it.
+inline float round_even(float x) {
+  return std::fabs(x) < 0x1p22f ? (x + 0x1.8p23f) - 0x1.8p23f : std::rint(x);
+}
+
 inline float mx_maximum(float a, float b) {
   return std::isnan(a) ? a : (a > b ? a : b);
 }
@@ -57,6 +71,30 @@ inline float mx_minimum(float a, float b) {
 
 inline float clip(float a, float lo, float hi) {
   return mx_minimum(mx_maximum(a, lo), hi);
+}
+
+// powf(x, 2) equals RNE(x^2) = x * x unless x^2 lies within powf's own approximation
+// error of a rounding midpoint. glibc's powf (2.28+, ARM's optimized-routines) evaluates
+// exp2(2 log2 x) in double before its final rounding; over all floats its result differs
+// from x * x only where x^2 is within 0.0017 of a gap from a midpoint (measured over all
+// floats on glibc 2.36, the powf variant its ifunc picks on an AVX2 CPU). Outside 1/128 of
+// a gap (4.7x that), for a normal result, x * x is returned; inside, powf itself is called
+// (1.6% of random inputs). Checked against powf on all 2^32 floats; the tests repeat a
+// strided sample against MLX's own x ** 2 (and the load-time check runs the encode).
+inline float square(float x) {
+  const double e = static_cast<double>(x) * static_cast<double>(x); // exact: 48-bit product
+  if (e >= 0x1p-126 && e < 0x1p127) {
+    const float f = static_cast<float>(e);
+    const double r = e - static_cast<double>(f); // exact (Sterbenz)
+    // The gap to f's neighbours is ulp(f) = 2^(E - 150) (E its biased exponent), below a
+    // power of two half that: the smaller one is used on both sides.
+    const uint32_t b = bits_of(f);
+    const uint64_t E = ((b >> 23) & 0xffu) + (1023 - 150) - ((b & 0x7fffffu) == 0 ? 1 : 0);
+    if (std::fabs(r) < (0.5 - 1.0 / 128) * from_bits64(E << 52)) {
+      return f;
+    }
+  }
+  return std::pow(x, kTwo);
 }
 
 // lattice.py _cheapest_move over n coordinates: the in-box +-step move of one coordinate
@@ -71,7 +109,7 @@ void cheapest_move(float* j, const float* tau, const float* base, float step, fl
     const int i = k % n;
     const float moved = k < n ? j[i] + step : j[i] - step;
     const bool inside = k < n ? moved <= hi : moved >= lo;
-    const float delta = inside ? square_like_powf(moved - tau[i]) - base[i] : inf;
+    const float delta = inside ? square(moved - tau[i]) - base[i] : inf;
     if (k == 0 || delta < best) {
       best = delta;
       idx = k;
@@ -93,8 +131,8 @@ int e8_nearest(const float* tau, int bits, float* out) {
     const float lo = -size + fp, hi = size - 2.0f + fp;
     float j[8], base[8], cost = 0.0f, sum = 0.0f;
     for (int i = 0; i < 8; ++i) {
-      j[i] = clip(2.0f * std::rint((tau[i] - fp) / 2.0f) + fp, lo, hi);
-      base[i] = square_like_powf(j[i] - tau[i]);
+      j[i] = clip(2.0f * round_even((tau[i] - fp) / 2.0f) + fp, lo, hi);
+      base[i] = square(j[i] - tau[i]);
       cost = cost + base[i];
       sum = sum + j[i];
     }
@@ -116,8 +154,8 @@ void d4_nearest(const float* target, int bits, float* k) {
   const float lo = -half, hi = half - 1.0f;
   float base[4], sum = 0.0f;
   for (int i = 0; i < 4; ++i) {
-    k[i] = clip(std::rint(target[i]), lo, hi);
-    base[i] = square_like_powf(k[i] - target[i]);
+    k[i] = clip(round_even(target[i]), lo, hi);
+    base[i] = square(k[i] - target[i]);
     sum = sum + k[i];
   }
   if (static_cast<int32_t>(sum) % 2 != 0) {
@@ -212,25 +250,8 @@ void encode_row(const EncodeJob& j, const float* y, uint8_t* codes, uint16_t* sc
 
 } // namespace
 
-// powf(x, 2) equals RNE(x^2) = x * x unless x^2 lies within powf's own approximation
-// error of a rounding midpoint. glibc's powf (2.28+, ARM's optimized-routines) evaluates
-// exp2(2 log2 x) in double with a relative error below 2^-30 before its final rounding
-// (under 0.01 ulp of the float result), so outside 1/16 ulp of a midpoint both round the
-// same way; there, and for results outside the normal range, powf itself is called.
-// Checked on all 2^31 non-negative floats (glibc 2.36); the tests repeat a strided sample.
 float square_like_powf(float x) {
-  const double e = static_cast<double>(x) * static_cast<double>(x); // exact: 48-bit product
-  if (e >= 0x1p-126 && e < 0x1p127) {
-    const float f = static_cast<float>(e);
-    const double r = e - static_cast<double>(f); // exact (Sterbenz)
-    const uint32_t b = bits_of(f);
-    const double gap = r >= 0.0 ? static_cast<double>(from_bits(b + 1)) - f
-                                : f - static_cast<double>(from_bits(b - 1));
-    if (std::fabs(r) < 0.4375 * gap) {
-      return f;
-    }
-  }
-  return std::pow(x, kTwo);
+  return square(x);
 }
 
 int e8_nearest_point(const float* tau, int bits, float* j) {
