@@ -33,12 +33,11 @@ from mlxkv.kernels.kv_encode import kv_encode_kernel, kv_encode_ref
 from mlxkv.kernels.kv_encode_cpu import cpu_write, is_write_supported
 from mlxkv.kernels.paged_attention import attend_ref, visible_mask
 from mlxkv.kv_spec import KVGroupSpec
-from mlxkv.kv_store import KVStore
+from mlxkv.kv_store import KVStore, Writer
 
 log = logging.getLogger(__name__)
 DecodeOp = Callable[..., mx.array | None]
 Encoder = Callable[..., dict[str, mx.array]]
-Writer = Callable[..., dict[str, mx.array] | None]
 # Self-check tolerance per query dtype, times max(1, max |reference|).
 TOLERANCE = {mx.float32: 1e-4, mx.float16: 5e-3, mx.bfloat16: 5e-2}
 _NUM_BLOCKS = 8  # blocks of each self-check pool (block 0 is the null block)
