@@ -16,6 +16,7 @@ values are, and prefilling 8 x 4096 tokens would take most of the run on a small
     python benchmarks/paged_vs_dense.py --model smollm2-135m-instruct --batches 8 \\
         --contexts 2048 --codecs e8:k4v4 int8
     python benchmarks/paged_vs_dense.py --quick
+    python benchmarks/paged_vs_dense.py --codecs e8:k4v4 --batches 1 8 --mx-encode  # issue #14
 """
 
 # ruff: noqa: I001  (benchmarks/_common must be imported before mlx: it preloads OpenBLAS)
@@ -124,6 +125,9 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--no-reference", action="store_true",
                    help="skip the paged reference-path side")
+    p.add_argument("--mx-encode", action="store_true",
+                   help="also run each --codecs variant with the pure-mx encoder + scatter "
+                        "instead of the compiled write path (before/after in one run)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     batches = args.batches or [1, 8]
@@ -134,15 +138,22 @@ def main(argv=None) -> dict:
     tokens = max(batches) * (max(contexts) + args.rounds + 8)
     base = make_llm(loaded, "auto", tokens)
     auto_op = base.engine.runner.decode_op
-    auto_name = getattr(auto_op, "__name__", "reference")
+    auto_name = base.engine.kernels.report()["backend"]  # the op is the engine's KernelGuard
     engines = {"paged": (base, auto_op)}
     if not args.no_reference:
         engines["paged_ref"] = (base, default_decode_op("reference"))
+    variants = []
     for codec in args.codecs:
         llm = make_llm(loaded, codec, tokens)
         engines[f"paged[{codec}]"] = (llm, llm.engine.runner.decode_op)
+        variants.append(codec)
+        if args.mx_encode:
+            llm = make_llm(loaded, codec, tokens)
+            llm.engine.store.writer = None  # KVStore.write: codec.encode + scatter
+            engines[f"paged[{codec}|mx-encode]"] = (llm, llm.engine.runner.decode_op)
+            variants.append(f"{codec}|mx-encode")
     h = header(name, "float32", {"batches": batches, "contexts": contexts,
-                                 "auto_attention": auto_name, "codecs": args.codecs,
+                                 "auto_attention": auto_name, "codecs": variants,
                                  "fill": args.fill, "rounds": args.rounds})
     print_header(h)
     rows = []
@@ -155,7 +166,7 @@ def main(argv=None) -> dict:
                 row.update(paged_ref_tok_s=b / t["paged_ref"], ref_ratio=t["dense"] / t["paged_ref"])
             row["codecs"] = {c: {"tok_s": b / t[f"paged[{c}]"],
                                  "vs_fp": t["paged"] / t[f"paged[{c}]"],
-                                 "vs_dense": t["dense"] / t[f"paged[{c}]"]} for c in args.codecs}
+                                 "vs_dense": t["dense"] / t[f"paged[{c}]"]} for c in variants}
             rows.append(row)
             extra = "".join(f" | {c} {v['vs_fp']:.2f}x of fp pool"
                             for c, v in row["codecs"].items())
@@ -171,7 +182,7 @@ def main(argv=None) -> dict:
         sel = [r for r in rows if r["batch"] == b]
         series[f"paged b={b}"] = ([r["context"] for r in sel], [r["paged_tok_s"] for r in sel])
         series[f"dense b={b}"] = ([r["context"] for r in sel], [r["dense_tok_s"] for r in sel])
-        for c in args.codecs:
+        for c in variants:
             series[f"paged {c} b={b}"] = ([r["context"] for r in sel],
                                           [r["codecs"][c]["tok_s"] for r in sel])
     plot(Path(args.out) / f"{tag}.png", f"Decode tok/s, {name}", "context", "tokens/s", series)
