@@ -6,7 +6,11 @@ running sequences of the same context, with the engine's decode attention ("auto
 Metal kernels, or the compiled CPU primitive mlxkv._ext when built) and forced onto the
 reference gather path; optionally also with compressed pools (`--codecs e8:k4v4 int8`).
 Every round times one step of each side in turn (interleaved, so load on the machine hits
-all sides alike); the median of `--rounds` rounds is reported; tokens/s = B / step.
+all sides alike); the median of `--rounds` rounds is reported; tokens/s = B / step. A paged
+side's time includes draining its step (`mx.synchronize()`): the engine returns from step()
+with the step still evaluating, which would otherwise run in the next side's interval (it
+did until #14, charging each side for the one timed before it). So this is one step's full
+latency; the overlap of consecutive steps (pipelining) is bench_throughput's to show.
 
 The K/V of the context is not computed by a real prefill unless `--fill prefill`: the
 pools (and the dense cache) hold zeros, since a decode step costs the same whatever the
@@ -99,6 +103,9 @@ def measure_cell(model, engines: dict, batch: int, context: int, fill: str,
         def step(llm=llm, op=op):
             llm.engine.runner.decode_op = op
             llm.engine.step()
+            # engine.step() returns with its step still evaluating (async_eval, pipelining):
+            # drain it inside this side's interval, or it runs in the next side's.
+            mx.synchronize()
         sides[name] = step
     for fn in sides.values():  # warm-up
         fn()
