@@ -157,8 +157,8 @@ def main(argv=None) -> dict:
         if args.mx_encode:
             llm = make_llm(loaded, codec, tokens)
             llm.engine.store.writer = None  # KVStore.write: codec.encode + scatter
-            engines[f"paged[{codec}|mx-encode]"] = (llm, llm.engine.runner.decode_op)
-            variants.append(f"{codec}|mx-encode")
+            engines[f"paged[{codec} mx-encode]"] = (llm, llm.engine.runner.decode_op)
+            variants.append(f"{codec} mx-encode")
     h = header(name, "float32", {"batches": batches, "contexts": contexts,
                                  "auto_attention": auto_name, "codecs": variants,
                                  "fill": args.fill, "rounds": args.rounds})
