@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 from mlxkv.codec import get_codec  # noqa: E402
 from mlxkv.kernels import kv_encode_kernel, kv_encode_ref  # noqa: E402
 from mlxkv.kernels._source import is_metal_available  # noqa: E402
+from mlxkv.kernels.kv_encode_cpu import is_cpu_encode_available, kv_encode_cpu_kernel  # noqa: E402
 from mlxkv.kernels.paged_attention import paged_attention_kernel, paged_attention_ref  # noqa: E402
 from mlxkv.kernels.paged_attention_cpu import (  # noqa: E402
     is_cpu_kernel_available,
@@ -130,6 +131,10 @@ def bench_encode(tokens, args, metal: bool) -> list[dict]:
         if metal:
             rows.append({"op": f"kv_encode_kernel[{name}]",
                          "ms": _median_ms(lambda c=codec: kv_encode_kernel(x=x, codec=c),
+                                          args.repeats)})
+        if is_cpu_encode_available():
+            rows.append({"op": f"kv_encode_cpu_kernel[{name}]",
+                         "ms": _median_ms(lambda c=codec: kv_encode_cpu_kernel(x=x, codec=c),
                                           args.repeats)})
     for row in rows:
         row.update(tokens=tokens)

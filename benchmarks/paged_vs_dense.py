@@ -6,7 +6,11 @@ running sequences of the same context, with the engine's decode attention ("auto
 Metal kernels, or the compiled CPU primitive mlxkv._ext when built) and forced onto the
 reference gather path; optionally also with compressed pools (`--codecs e8:k4v4 int8`).
 Every round times one step of each side in turn (interleaved, so load on the machine hits
-all sides alike); the median of `--rounds` rounds is reported; tokens/s = B / step.
+all sides alike); the median of `--rounds` rounds is reported; tokens/s = B / step. A paged
+side's time includes draining its step (`mx.synchronize()`): the engine returns from step()
+with the step still evaluating, which would otherwise run in the next side's interval (it
+did until #14, charging each side for the one timed before it). So this is one step's full
+latency; the overlap of consecutive steps (pipelining) is bench_throughput's to show.
 
 The K/V of the context is not computed by a real prefill unless `--fill prefill`: the
 pools (and the dense cache) hold zeros, since a decode step costs the same whatever the
@@ -16,6 +20,7 @@ values are, and prefilling 8 x 4096 tokens would take most of the run on a small
     python benchmarks/paged_vs_dense.py --model smollm2-135m-instruct --batches 8 \\
         --contexts 2048 --codecs e8:k4v4 int8
     python benchmarks/paged_vs_dense.py --quick
+    python benchmarks/paged_vs_dense.py --codecs e8:k4v4 --batches 1 8 --mx-encode  # issue #14
 """
 
 # ruff: noqa: I001  (benchmarks/_common must be imported before mlx: it preloads OpenBLAS)
@@ -98,6 +103,9 @@ def measure_cell(model, engines: dict, batch: int, context: int, fill: str,
         def step(llm=llm, op=op):
             llm.engine.runner.decode_op = op
             llm.engine.step()
+            # engine.step() returns with its step still evaluating (async_eval, pipelining):
+            # drain it inside this side's interval, or it runs in the next side's.
+            mx.synchronize()
         sides[name] = step
     for fn in sides.values():  # warm-up
         fn()
@@ -124,6 +132,9 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--no-reference", action="store_true",
                    help="skip the paged reference-path side")
+    p.add_argument("--mx-encode", action="store_true",
+                   help="also run each --codecs variant with the pure-mx encoder + scatter "
+                        "instead of the compiled write path (before/after in one run)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     batches = args.batches or [1, 8]
@@ -134,16 +145,22 @@ def main(argv=None) -> dict:
     tokens = max(batches) * (max(contexts) + args.rounds + 8)
     base = make_llm(loaded, "auto", tokens)
     auto_op = base.engine.runner.decode_op
-    auto_name = (auto_op.backend.name if hasattr(auto_op, "backend")  # a KernelGuard
-                 else getattr(auto_op, "__name__", "reference"))
+    auto_name = base.engine.kernels.report()["backend"]  # the op is the engine's KernelGuard
     engines = {"paged": (base, auto_op)}
     if not args.no_reference:
         engines["paged_ref"] = (base, default_decode_op("reference"))
+    variants = []
     for codec in args.codecs:
         llm = make_llm(loaded, codec, tokens)
         engines[f"paged[{codec}]"] = (llm, llm.engine.runner.decode_op)
+        variants.append(codec)
+        if args.mx_encode:
+            llm = make_llm(loaded, codec, tokens)
+            llm.engine.store.writer = None  # KVStore.write: codec.encode + scatter
+            engines[f"paged[{codec} mx-encode]"] = (llm, llm.engine.runner.decode_op)
+            variants.append(f"{codec} mx-encode")
     h = header(name, "float32", {"batches": batches, "contexts": contexts,
-                                 "auto_attention": auto_name, "codecs": args.codecs,
+                                 "auto_attention": auto_name, "codecs": variants,
                                  "fill": args.fill, "rounds": args.rounds})
     print_header(h)
     rows = []
@@ -156,7 +173,7 @@ def main(argv=None) -> dict:
                 row.update(paged_ref_tok_s=b / t["paged_ref"], ref_ratio=t["dense"] / t["paged_ref"])
             row["codecs"] = {c: {"tok_s": b / t[f"paged[{c}]"],
                                  "vs_fp": t["paged"] / t[f"paged[{c}]"],
-                                 "vs_dense": t["dense"] / t[f"paged[{c}]"]} for c in args.codecs}
+                                 "vs_dense": t["dense"] / t[f"paged[{c}]"]} for c in variants}
             rows.append(row)
             extra = "".join(f" | {c} {v['vs_fp']:.2f}x of fp pool"
                             for c, v in row["codecs"].items())
@@ -172,7 +189,7 @@ def main(argv=None) -> dict:
         sel = [r for r in rows if r["batch"] == b]
         series[f"paged b={b}"] = ([r["context"] for r in sel], [r["paged_tok_s"] for r in sel])
         series[f"dense b={b}"] = ([r["context"] for r in sel], [r["dense_tok_s"] for r in sel])
-        for c in args.codecs:
+        for c in variants:
             series[f"paged {c} b={b}"] = ([r["context"] for r in sel],
                                           [r["codecs"][c]["tok_s"] for r in sel])
     plot(Path(args.out) / f"{tag}.png", f"Decode tok/s, {name}", "context", "tokens/s", series)

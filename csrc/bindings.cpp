@@ -1,10 +1,11 @@
-// nanobind module mlxkv._ext: the CPU paged decode attention primitive.
+// nanobind module mlxkv._ext: the CPU paged attention and KV encode primitives.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include "attend.h"
+#include "kv_encode_cpu.h"
 #include "paged_attention_cpu.h"
 
 namespace nb = nanobind;
@@ -31,6 +32,19 @@ NB_MODULE(_ext, m) {
         "num_threads"_a = 0,
         "Prefill chunks and decode rows over the cached prefix (causal within each chunk), "
         "pools read in place -> [T, H, D].");
+  m.def("kv_encode", &mlxkv::kv_encode_cpu, "x"_a, "rotation"_a, nb::kw_only(), "kind"_a,
+        "bits"_a, "step"_a, "mids"_a = nb::none(),
+        "x [..., D] -> [codes [..., D/8*bits] uint8, scale [..., 1] float16] (e8, d4, lloyd), "
+        "bit-identical to the codec's pure-mx encode (CPU stream).");
+  m.def("kv_encode_write", &mlxkv::kv_encode_write_cpu, "x"_a, "rotation"_a, "slot_mapping"_a,
+        "codes_pool"_a, "scale_pool"_a, nb::kw_only(), "kind"_a, "bits"_a, "step"_a,
+        "mids"_a = nb::none(),
+        "Encode x [T, KVH, D] into a layer's codes/scale pools at slot_mapping [T] -> the "
+        "updated [codes_pool, scale_pool] (in place when MLX may donate them).");
+  m.def("nearest_point", &mlxkv::nearest_point, "targets"_a, nb::kw_only(), "kind"_a, "bits"_a,
+        "Test helper (eager): E8 targets [N, 8] -> [N, 9] (j, then p); D4 [N, 4] -> k [N, 4].");
+  m.def("powf_square", &mlxkv::powf_square, "x"_a,
+        "Test helper (eager): x ** 2 as MLX's CPU backend computes it (powf), fp32.");
   m.def("simd_level", &mlxkv::best_isa,
         "1 when the AVX2+FMA build of the kernels runs on this CPU, 0 for the portable one.");
 }

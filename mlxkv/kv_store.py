@@ -3,7 +3,9 @@
     pool[component]  # [num_blocks_g, block_size, num_kv_heads, *trailing]   (g = layer's group)
 
 Writes encode through the layer's codec and scatter into slots (`block_id * block_size +
-offset`); reads gather whole blocks through block tables and decode. Block id 0 is the
+offset`), or go through a compiled `writer` that encodes straight into the pool (the CPU
+primitive, installed by the engine's KernelGuard); reads gather whole blocks through block
+tables and decode. Block id 0 is the
 null block: never written, only read under a mask. The store never keeps a second
 reference to a pool (that would force MLX to copy the whole pool on the next write).
 """
@@ -16,11 +18,14 @@ import mlx.core as mx
 
 from mlxkv.codec.base import KVCodec
 from mlxkv.codec.identity import IdentityCodec
-from mlxkv.kernels.kv_encode import kv_encode
+from mlxkv.kernels.kv_encode import kv_encode, kv_write
 from mlxkv.kv_spec import KVGroupSpec
 
 Pools = dict[str, mx.array]
 Encoder = Callable[..., dict[str, mx.array]]
+# writer(pools=, codec=, slot_mapping=, x=) -> the updated pool arrays, or None when it does
+# not cover the codec / rows (then the store encodes with `encoder` and scatters).
+Writer = Callable[..., Pools | None]
 
 
 class KVStore:
@@ -42,6 +47,7 @@ class KVStore:
         self.block_size = block_size
         self.dtype = dtype
         self.encoder = encoder
+        self.writer: Writer | None = None
         self._group_of: dict[int, int] = {}
         self.codecs: dict[int, tuple[KVCodec, KVCodec]] = {}
         self._pools: dict[int, tuple[Pools, Pools]] = {}
@@ -100,14 +106,18 @@ class KVStore:
 
     # -- writes ---------------------------------------------------------------------------
     def write(self, layer_id: int, slot_mapping: mx.array, k: mx.array, v: mx.array) -> None:
-        """Store k, v [T, num_kv_heads, head_dim] at slots [T] (encoded by the layer codec)."""
+        """Store k, v [T, num_kv_heads, head_dim] at slots [T] (encoded by the layer codec):
+        through `writer` when it covers the codec, else `encoder` and a scatter. Both give
+        the same pool contents (the compiled writers are bit-identical to codec.encode)."""
         for pools, codec, x in zip(self._pools[layer_id], self.codecs[layer_id], (k, v),
                                    strict=True):
-            for name, comp in self.encoder(x=x, codec=codec).items():
-                pool = pools[name]
-                flat = pool.reshape(-1, *pool.shape[2:])
-                flat[slot_mapping] = comp.astype(pool.dtype)
-                pools[name] = flat.reshape(pool.shape)
+            written = None
+            if self.writer is not None:
+                written = self.writer(pools=pools, codec=codec, slot_mapping=slot_mapping, x=x)
+            if written is None:
+                kv_write(pools, codec, slot_mapping, x, encoder=self.encoder)
+            else:
+                pools.update(written)
 
     def copy_blocks(self, group_id: int, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy-on-write: block src -> dst for every layer of the group, batched."""

@@ -49,6 +49,11 @@ def levels(bits: int, gain: float = 1.0) -> mx.array:
     return mx.array(_gaussian_levels(bits), dtype=mx.float32) * gain
 
 
+@lru_cache(maxsize=64)
+def _fp32_levels(bits: int, gain: float) -> tuple[float, ...]:
+    return tuple(levels(bits, gain).tolist())
+
+
 class LloydCodec:
     def __init__(self, bits: int = 4, seed: int = 0, gain: float | None = None):
         if bits not in RATES:
@@ -63,9 +68,11 @@ class LloydCodec:
 
     @property
     def kernel_layout(self) -> KernelLayout:
+        # The float32 levels encode and decode use (fp32 levels times fp32 gain), exactly:
+        # a kernel rebuilding them from this tuple gets the codec's own thresholds.
         return KernelLayout(LLOYD, self.bits, {"codes": "codes", "scales": "scale"},
                             rotation_seed=self.seed,
-                            levels=tuple(v * self.gain for v in _gaussian_levels(self.bits)))
+                            levels=_fp32_levels(self.bits, self.gain))
 
     def packed_spec(self, head_dim: int, dtype: mx.Dtype):
         if head_dim % 8:

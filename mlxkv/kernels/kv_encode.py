@@ -7,7 +7,8 @@ and scatters the components into the pools at `slot_mapping`, like KVStore.write
 
 MLX custom kernels cannot write into an input in place, so the scatter stays an mx slice
 update (in place when the pool has no other reference); the kernel produces only the
-components of the new rows. Affine int4/int8 encode already is one fused MLX kernel
+components of the new rows. (On the CPU, kv_encode_cpu.py's compiled primitive, a full MLX
+Primitive, does encode straight into the pools.) Affine int4/int8 encode already is one fused MLX kernel
 (mx.quantize), so only the lattice codecs have a custom encode kernel.
 """
 

@@ -8,10 +8,10 @@ engine and them:
   (one per layer codec pair and geometry, through the split and the unsplit path; the
   lattice encode) runs once on small pools shaped like the configured ones and is compared
   with its pure-mx twin;
-- runtime guard (`decode` / `encode`): an exception from a launch disables that variant and
-  the reference computes the call, so no request fails. The first launch of a variant the
-  self-check did not run is evaluated inside the guard, so its compile error surfaces here
-  and not in the step's eval.
+- runtime guard (`decode` / `encode` / `write`): an exception from a launch disables that
+  variant and the reference computes the call, so no request fails. The first launch of a
+  variant the self-check did not run is evaluated inside the guard, so its compile error
+  surfaces here and not in the step's eval.
 
 A disabled variant logs one warning line with the reason; `report()` is what /health,
 /v1/cache/stats and /metrics show. The guard is owned by the engine thread.
@@ -30,9 +30,10 @@ import mlx.core as mx
 from mlxkv.kernels._source import run_metal
 from mlxkv.kernels.kv_encode import is_kernel_supported as encode_supported
 from mlxkv.kernels.kv_encode import kv_encode_kernel, kv_encode_ref
+from mlxkv.kernels.kv_encode_cpu import cpu_write, is_write_supported
 from mlxkv.kernels.paged_attention import attend_ref, visible_mask
 from mlxkv.kv_spec import KVGroupSpec
-from mlxkv.kv_store import KVStore
+from mlxkv.kv_store import KVStore, Writer
 
 log = logging.getLogger(__name__)
 DecodeOp = Callable[..., mx.array | None]
@@ -51,6 +52,7 @@ class Backend:
     encoder: Encoder | None = None
     is_accelerator: bool = False
     prefill_op: Callable[..., mx.array | None] | None = None  # the decode op's prefill twin
+    writer: Writer | None = None  # compiled encode-into-the-pool (KVStore.writer contract)
 
 
 @dataclass(slots=True)
@@ -95,8 +97,9 @@ def detect_backend(attention_name: str = "auto", verbose: bool = False) -> Backe
     op = attention.default_decode_op(attention_name, verbose)
     if attention.is_metal_available():
         return Backend("metal", op, kernel_encoder(partial(run_metal, verbose=verbose)), True)
-    return Backend("cpu-ext" if op is not None else "reference", op,
-                   prefill_op=attention.PREFILL_OPS.get(op))
+    if op is None:
+        return Backend("reference", None)
+    return Backend("cpu-ext", op, prefill_op=attention.PREFILL_OPS.get(op), writer=cpu_write)
 
 
 def decode_key(store: KVStore, layer_id: int) -> str:
@@ -183,11 +186,22 @@ class KernelGuard:
                             lambda: self.backend.encoder(x=x, codec=codec))
         return out if out is not None else kv_encode_ref(x=x, codec=codec)
 
+    def write(self, *, pools, codec, slot_mapping: mx.array, x: mx.array):
+        """Writer: the backend's compiled encode into the pool, or None (the store encodes
+        and scatters) where it is declined, disabled or raises."""
+        if self.backend.writer is None or not is_write_supported(x, codec):
+            return None
+        return self._guarded(f"write {codec.name} d{x.shape[-1]}",
+                             lambda: self.backend.writer(pools=pools, codec=codec,
+                                                         slot_mapping=slot_mapping, x=x))
+
     def install(self, store: KVStore) -> DecodeOp | None:
-        """Route the store's encodes through the guard; the runner's DecodeOp (None: the
-        reference path, as without kernels)."""
+        """Route the store's encodes (and compiled writes) through the guard; the runner's
+        DecodeOp (None: the reference path, as without kernels)."""
         if self.backend.encoder is not None:
             store.encoder = self.encode
+        if self.backend.writer is not None:
+            store.writer = self.write
         return self if self.backend.decode_op is not None else None
 
     # -- the start-up self-check ----------------------------------------------------------

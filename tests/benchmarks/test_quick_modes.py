@@ -110,6 +110,16 @@ def test_paged_vs_dense_quick(tmp_path):
     assert all({"paged_tok_s", "dense_tok_s", "ratio"} <= set(r) for r in data["rows"])
 
 
+def test_paged_vs_dense_quick_times_both_write_paths(tmp_path):
+    proc = run("paged_vs_dense.py", tmp_path, "--batches", "1", "--contexts", "16",
+               "--codecs", "e8:k4v4", "--mx-encode", "--no-reference")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "paged_vs_dense_quick.json").read_text())
+    (row,) = data["rows"]
+    assert set(row["codecs"]) == {"e8:k4v4", "e8:k4v4 mx-encode"}
+    assert all(v["vs_fp"] > 0 for v in row["codecs"].values())
+
+
 def test_kernels_quick(tmp_path):
     proc = run("bench_kernels.py", tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]

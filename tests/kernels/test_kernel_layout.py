@@ -11,7 +11,9 @@ import pytest
 
 from mlxkv.codec import get_codec
 from mlxkv.codec.base import AFFINE, D4, E8, IDENTITY, LLOYD, KernelLayout
+from mlxkv.codec.lloyd import levels
 from mlxkv.kernels.kv_encode import is_kernel_supported as encode_supported
+from mlxkv.kernels.kv_encode_cpu import is_write_supported
 from mlxkv.kernels.paged_attention_cpu import _layer_plan
 from mlxkv.kernels.paged_attention_quant import codec_kind
 
@@ -40,6 +42,10 @@ def test_every_codec_describes_its_pool_components(name):
         assert layout.group_size == 64 and layout.bits == int(name[3:])
     if layout.kind == LLOYD:
         assert len(layout.levels) == 2**layout.bits
+        # exactly the fp32 levels the codec encodes and decodes with (the compiled encode
+        # rebuilds its thresholds from them)
+        assert mx.array_equal(mx.array(layout.levels, dtype=mx.float32),
+                              levels(codec.bits, codec.gain)).item()
 
 
 class Unknown:
@@ -52,6 +58,7 @@ class Unknown:
 def test_unknown_layouts_go_to_the_reference():
     assert codec_kind(Unknown()) is None
     assert not encode_supported(mx.zeros((1, 64)), Unknown())
+    assert not is_write_supported(mx.zeros((1, 64)), Unknown())
     ident = get_codec("fp32").kernel_layout
     assert _layer_plan(Unknown.kernel_layout, Unknown.kernel_layout, 64) is None
     assert _layer_plan(ident, Unknown.kernel_layout, 64) is None
