@@ -5,6 +5,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "attend.h"
+#include "linear.h"
 #include "paged_attention_cpu.h"
 
 namespace nb = nanobind;
@@ -31,6 +32,9 @@ NB_MODULE(_ext, m) {
         "num_threads"_a = 0,
         "Prefill chunks and decode rows over the cached prefix (causal within each chunk), "
         "pools read in place -> [T, H, D].");
+  m.def("small_m_linear", &mlxkv::small_m_linear, "x"_a, "weight"_a, "bias"_a = nb::none(),
+        nb::kw_only(), "num_threads"_a = 0,
+        "y = x @ weight.T (+ bias), float32, for few rows of x (decode) -> [..., N] (CPU).");
   m.def("simd_level", &mlxkv::best_isa,
         "1 when the AVX2+FMA build of the kernels runs on this CPU, 0 for the portable one.");
 }
