@@ -61,7 +61,7 @@ class LLMEngine:
             config.attention, config.kernel_verbose, store,
             getattr(getattr(model, "args", None), "num_attention_heads", None),
             selfcheck=config.kernel_selfcheck)
-        self.runner = ModelRunner(model, store, decode_op)
+        self.runner = ModelRunner(model, store, decode_op, config.linear)
         self.scheduler = Scheduler(config.scheduler, cache)
         self.structured = StructuredOutputs(tokenizer)  # JSON-schema masks (json_schema rows)
         self.processor = OutputProcessor(self.scheduler, cache, tokenizer, self.structured,
@@ -338,6 +338,7 @@ class LLMEngine:
         stats = self.cache.stats(bytes_per_block=bpb)
         stats["preemptions"] = self.scheduler.num_preemptions
         stats["attention"] = self.kernels.report()
+        stats["linear"] = self.runner.linear.report()
         return stats
 
     def metrics(self) -> dict:
