@@ -38,19 +38,17 @@ namespace avx2 {
 #endif
 
 int linear_block_rows(int M) {
-  // M x NR accumulators + NR W vectors + one x vector fit the 16 ymm registers.
-  return M == 1 ? 8 : M == 2 ? 4 : 3;
+  return M == 1 ? 8 : M < 8 ? 1 : 3; // as gemv_body.inc's rows() picks its tiles
 }
 
 void linear_rows(const LinearJob& job, int n0, int n1, int isa) {
-  const int nr = linear_block_rows(job.M);
 #ifdef MLXKV_GEMV_AVX2
   if (isa == 1) {
-    return avx2::rows(job, n0, n1, nr);
+    return avx2::rows(job, n0, n1);
   }
 #endif
   (void)isa;
-  base::rows(job, n0, n1, nr);
+  base::rows(job, n0, n1);
 }
 
 } // namespace mlxkv
