@@ -4,7 +4,10 @@ Bandwidth is measured on this machine (an MLX copy of a 512 MiB array, and numpy
 one decode step of the engine at batch B and context L is timed and compared with the
 time it takes just to stream the weights and the batch's KV once. When the engine runs its
 linear layers through the compiled small-M linear (mlxkv._ext, CPU), the same steps are
-also timed with MLX's matmul (MLXKV_LINEAR=reference), interleaved in blocks of steps.
+also timed with MLX's matmul (MLXKV_LINEAR=reference), interleaved in blocks of steps, and
+with zero-cost linears (every linear layer returns zeros without reading its weight: not a
+valid forward, only the cost of the rest of the step; the zero K/V it writes change the
+values the other sides read next, not their cost).
 
     python benchmarks/floor.py                    # SmolLM2, batch 1 and 8, context 512
     python benchmarks/floor.py --quick
@@ -92,6 +95,17 @@ def stop_decode(llm, batch: int) -> None:
     llm.engine.step()
 
 
+def zero_linear_variant(llm):
+    """apply() of a diagnostic side: the runner's linears return zeros at no cost."""
+    from mlxkv.models.linear_seam import route_linears
+
+    def zeros(x, w, b):  # still depends on x: MLX must not drop what computed x as dead
+        return mx.zeros((*x.shape[:-1], w.shape[0]), dtype=x.dtype) + x[..., :1] * 0
+
+    net, _ = route_linears(llm.engine.runner.model, zeros, max_rows=1 << 30)
+    return lambda: setattr(llm.engine.runner, "net", net)
+
+
 def step_times(llm, batch: int, context: int, variants: dict, fill: str = "prefill",
                rounds: int = 4) -> dict[str, float]:
     """Median engine decode step per variant at `batch` sequences of `context` tokens
@@ -123,7 +137,7 @@ def main(argv=None) -> dict:
     bw = bandwidth_gib_s(64 if args.quick else 512)
     weights = sum(v.nbytes for _, v in tree_flatten(llm.engine.runner.model.parameters()))
     kv_per_token = llm.engine.store.bytes_per_token()
-    variants = linear_variants(llm)
+    variants = {**linear_variants(llm), "_zero_linear": zero_linear_variant(llm)}
     rows = []
     for b in tqdm(batches, desc="batches"):
         ts = step_times(llm, b, context, variants, rounds=2 if args.quick else 4)
@@ -134,9 +148,11 @@ def main(argv=None) -> dict:
                "floor_s": floor, "fraction_of_floor": floor / t}
         if "_mx_linear" in ts:
             row["step_mx_linear_s"] = ts["_mx_linear"]
+        row["step_zero_linear_s"] = ts["_zero_linear"]
         rows.append(row)
         other = (f"; with MLX's matmul {ts['_mx_linear'] * 1e3:7.1f} ms"
                  if "_mx_linear" in ts else "")
+        other += f"; zero-cost linears {ts['_zero_linear'] * 1e3:7.1f} ms"
         tqdm.write(f"batch {b:>3}, context {context}: step {t * 1e3:7.1f} ms{other}, floor "
               f"{floor * 1e3:6.2f} ms ({100 * floor / t:4.1f}% of the step is memory traffic, "
               f"step / floor {t / floor:.2f}x)")

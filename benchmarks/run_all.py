@@ -147,13 +147,16 @@ def table_pvd(d, name="paged_vs_dense"):
 def table_floor(d, name="floor"):
     bw = d["bandwidth"]
     mxl = any("step_mx_linear_s" in r for r in d["rows"])
+    zl = any("step_zero_linear_s" in r for r in d["rows"])
     rows = [f"Measured bandwidth: MLX {bw['mlx_gib_s']:.1f} GiB/s, numpy {bw['numpy_gib_s']:.1f}"
             f" GiB/s (the floor uses the faster); weights {d['weight_bytes'] / 2**20:.0f} MiB; KV "
             f"{d['kv_bytes_per_token']} B/token; linear layers "
             f"`{d['settings'].get('linear', 'reference')}`.", "",
             "| batch | context | step ms | floor ms | floor / step | step / floor |"
-            + (" step ms, MLX matmul | its step / floor |" if mxl else ""),
-            "|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if mxl else "")]
+            + (" step ms, MLX matmul | its step / floor |" if mxl else "")
+            + (" step ms, zero-cost linears |" if zl else ""),
+            "|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if mxl else "")
+            + ("---:|" if zl else "")]
     for r in d["rows"]:
         line = (f"| {r['batch']} | {r['context']} | {r['step_s'] * 1e3:.1f} | "
                 f"{r['floor_s'] * 1e3:.2f} | {100 * r['fraction_of_floor']:.1f}% | "
@@ -161,6 +164,8 @@ def table_floor(d, name="floor"):
         if mxl:
             line += (f" {r['step_mx_linear_s'] * 1e3:.1f} | "
                      f"{r['step_mx_linear_s'] / r['floor_s']:.2f}x |")
+        if zl:
+            line += f" {r['step_zero_linear_s'] * 1e3:.1f} |"
         rows.append(line)
     return [_src(d, "floor.py", name), "", *rows]
 
