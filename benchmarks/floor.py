@@ -107,7 +107,7 @@ def zero_linear_variant(llm):
 
 
 def step_times(llm, batch: int, context: int, variants: dict, fill: str = "prefill",
-               rounds: int = 4) -> dict[str, float]:
+               rounds: int = 8) -> dict[str, float]:
     """Median engine decode step per variant at `batch` sequences of `context` tokens
     (`rounds` x 2 timed steps each, interleaved: _common.engine_step_times)."""
     start_decode(llm, batch, context, fill)
@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
     variants = {**linear_variants(llm), "_zero_linear": zero_linear_variant(llm)}
     rows = []
     for b in tqdm(batches, desc="batches"):
-        ts = step_times(llm, b, context, variants, rounds=2 if args.quick else 4)
+        ts = step_times(llm, b, context, variants, rounds=2 if args.quick else 8)
         t = ts[""]
         moved = weights + b * context * kv_per_token
         floor = moved / (bw["floor_gib_s"] * 2**30)
