@@ -146,27 +146,30 @@ def table_pvd(d, name="paged_vs_dense"):
 
 def table_floor(d, name="floor"):
     bw = d["bandwidth"]
-    mxl = any("step_mx_linear_s" in r for r in d["rows"])
-    zl = any("step_zero_linear_s" in r for r in d["rows"])
+    sides = [("", "step")]
+    sides += [("_mx_linear", "step, MLX matmul")] if any(
+        "step_mx_linear_s" in r for r in d["rows"]) else []
+    sides += [("_zero_linear", "step, zero-cost linears")] if any(
+        "step_zero_linear_s" in r for r in d["rows"]) else []
+    has_min = any("step_min_s" in r for r in d["rows"])
+    unit = "ms (median / min)" if has_min else "ms"
     rows = [f"Measured bandwidth: MLX {bw['mlx_gib_s']:.1f} GiB/s, numpy {bw['numpy_gib_s']:.1f}"
             f" GiB/s (the floor uses the faster); weights {d['weight_bytes'] / 2**20:.0f} MiB; KV "
             f"{d['kv_bytes_per_token']} B/token; linear layers "
             f"`{d['settings'].get('linear', 'reference')}`.", "",
-            "| batch | context | step ms | floor ms | floor / step | step / floor |"
-            + (" step ms, MLX matmul | its step / floor |" if mxl else "")
-            + (" step ms, zero-cost linears |" if zl else ""),
-            "|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if mxl else "")
-            + ("---:|" if zl else "")]
+            "| batch | context | floor ms |" + "".join(f" {label} {unit} |" for _, label in sides)
+            + " step / floor |", "|---:|---:|---:|" + "---:|" * (len(sides) + 1)]
     for r in d["rows"]:
-        line = (f"| {r['batch']} | {r['context']} | {r['step_s'] * 1e3:.1f} | "
-                f"{r['floor_s'] * 1e3:.2f} | {100 * r['fraction_of_floor']:.1f}% | "
-                f"{r['step_s'] / r['floor_s']:.2f}x |")
-        if mxl:
-            line += (f" {r['step_mx_linear_s'] * 1e3:.1f} | "
-                     f"{r['step_mx_linear_s'] / r['floor_s']:.2f}x |")
-        if zl:
-            line += f" {r['step_zero_linear_s'] * 1e3:.1f} |"
-        rows.append(line)
+        cells = []
+        for key, _ in sides:
+            med = r[f"step{key}_s"] * 1e3
+            least = r.get(f"step{key}_min_s")
+            cells.append(f"{med:.1f} / {least * 1e3:.1f}" if least is not None else f"{med:.1f}")
+        ratio = f"{r['step_s'] / r['floor_s']:.2f}x"
+        if "step_min_s" in r:
+            ratio += f" / {r['step_min_s'] / r['floor_s']:.2f}x"
+        rows.append(f"| {r['batch']} | {r['context']} | {r['floor_s'] * 1e3:.2f} | "
+                    + " | ".join(cells) + f" | {ratio} |")
     return [_src(d, "floor.py", name), "", *rows]
 
 
