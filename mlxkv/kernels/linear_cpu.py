@@ -5,7 +5,7 @@ with few rows, weight [N, K] read once per call, AVX2+FMA register tiles, W's ro
 over a persistent worker pool), its pure-mx twin `linear_ref` (what `nn.Linear` computes)
 and the dispatcher `small_m_linear` (the primitive when the extension loads, the rows
 are at most `max_rows` and everything is float32; else the reference). Decode's matmuls
-have 1..16 rows, where MLX's call into OpenBLAS's sgemm is several times slower than
+have 1..16 rows (more with speculative verify rows), where MLX's call into OpenBLAS's sgemm is several times slower than
 streaming the weight once; prefill keeps sgemm (`MAX_ROWS`, measured in docs/kernels.md).
 """
 
@@ -20,9 +20,10 @@ import mlx.core as mx
 
 log = logging.getLogger(__name__)
 
-# Most rows of x the dispatcher sends to the primitive: above it MLX's sgemm catches up
+# Most rows of x the dispatcher sends to the primitive: it beats MLX's sgemm on every
+# SmolLM2 shape up to 24 rows measured, and is even or slower from 32
 # (benchmarks/bench_linear.py; docs/kernels.md "small_m_linear").
-MAX_ROWS = 16
+MAX_ROWS = 24
 
 
 def linear_ref(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
