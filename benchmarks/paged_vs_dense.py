@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
     tokens = max(batches) * (max(contexts) + 6 * args.rounds + 16)  # 2 steps per side, round
     base = make_llm(loaded, "auto", tokens)
     auto_op = base.engine.runner.decode_op
-    auto_name = getattr(auto_op, "__name__", "reference")
+    auto_name = base.engine.cache_stats()["attention"]["backend"]  # e.g. cpu-ext
     runner = base.engine.runner  # linears routed through mlxkv._ext: also MLX's matmul
     mx_linear = {"paged_mx_linear": (base, auto_op, runner.model)} if (
         runner.net is not runner.model) else {}
