@@ -140,3 +140,40 @@ def bar_plot(path: Path, title: str, panels: dict) -> Path | None:
     plt.close(fig)
     print(f"# wrote {path}")
     return path
+
+
+def linear_variants(llm) -> dict:
+    """Ways to run an LLM's linear layers, as {suffix: apply()}: "" as configured and, when
+    the engine routes them through the compiled small-M linear (MLXKV_LINEAR=auto on the
+    CPU), "_mx_linear" with MLX's matmul (the runner's module tree set to the plain model,
+    which is what MLXKV_LINEAR=reference runs)."""
+    runner = llm.engine.runner
+    routed, plain = runner.net, runner.model
+
+    def use(net):
+        return lambda: setattr(runner, "net", net)
+
+    return {"": use(routed), "_mx_linear": use(plain)} if routed is not plain else {
+        "": use(routed)}
+
+
+def engine_step_times(engine, variants: dict, rounds: int, steps: int = 2) -> dict:
+    """Seconds per `engine.step()` for each variant ({name: apply()}), in interleaved
+    blocks. The engine pipelines (step N + 1 is launched before N's results are read), so
+    a step's time is mostly the evaluation of the step launched before it; per round and
+    variant: drain MLX's queue (untimed), apply the variant, one untimed step (it launches
+    the variant's first step), then `steps` timed steps, each paying for one of its own."""
+    import mlx.core as mx
+
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, apply in variants.items():
+            mx.synchronize()
+            apply()
+            engine.step()
+            for _ in range(steps):
+                start = time.perf_counter()
+                engine.step()
+                times[name].append(time.perf_counter() - start)
+    next(iter(variants.values()))()  # back to the first (the configured) variant
+    return times

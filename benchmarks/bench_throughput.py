@@ -4,7 +4,9 @@ Same model, same seeded prompts, same output length (eos ignored), greedy, in on
 Reported per concurrency: generated tokens / wall time from first insert to last token
 (prefill included), the median over --repeats runs, and the ratio mlxkv / mlx-lm. With
 one stream mlx-lm's best configuration is its single-sequence `generate_step` loop (the
-one `mlx_lm.generate` runs, async_eval pipelined), measured as a third side.
+one `mlx_lm.generate` runs, async_eval pipelined), measured as a third side. When the
+engine runs its linear layers through the compiled small-M linear (CPU), the engine is
+also run with MLX's matmul (MLXKV_LINEAR=reference; mlx-lm always has MLX's matmul).
 
     python benchmarks/bench_throughput.py                 # SmolLM2, 1 4 8 16 32
     python benchmarks/bench_throughput.py --quick         # tiny random model, seconds
@@ -17,7 +19,7 @@ import random
 import statistics
 import time
 
-from _common import RESULTS, header, load_model_for, plot, print_header, write_json
+from _common import RESULTS, header, linear_variants, load_model_for, plot, print_header, write_json
 from tqdm import tqdm
 
 
@@ -88,18 +90,25 @@ def main(argv=None) -> dict:
     llm = LLM(config, loaded=loaded)
     model = llm.engine.runner.model
     vocab = model.model.embed_tokens.weight.shape[0]
+    variants = linear_variants(llm)
     settings = {"concurrency": conc, "prompt_len": prompt_len, "max_tokens": max_tokens,
                 "repeats": repeats, "sampling": "greedy, ignore_eos",
+                "linear": llm.engine.cache_stats()["linear"]["backend"],
                 "metric": "generated tokens / wall time incl. prefill, median of repeats"}
     h = header(name, "float32", settings)
     print_header(h)
     rows = []
     for n in tqdm(conc, desc="concurrency"):
         prompts = make_prompts(n, prompt_len, vocab, seed=n)
-        ours, theirs, single = [], [], []
+        ours, theirs, single, mx_linear = [], [], [], []
         for _ in range(repeats):
             t, c = run_mlxkv(llm, prompts, max_tokens)
             ours.append(c / t)
+            if "_mx_linear" in variants:
+                variants["_mx_linear"]()
+                t, c = run_mlxkv(llm, prompts, max_tokens)
+                mx_linear.append(c / t)
+                variants[""]()
             t, c = run_mlx_lm(model, prompts, max_tokens)
             theirs.append(c / t)
             if n == 1:
@@ -110,6 +119,9 @@ def main(argv=None) -> dict:
         row["ratio"] = row["mlxkv_tok_s"] / row["mlx_lm_tok_s"]
         line = (f"{n:>3} concurrent: mlxkv {row['mlxkv_tok_s']:8.1f} tok/s | mlx-lm "
                 f"{row['mlx_lm_tok_s']:8.1f} tok/s | ratio {row['ratio']:.2f}")
+        if mx_linear:
+            row["mlxkv_mx_linear_tok_s"] = statistics.median(mx_linear)
+            line += f" | mlxkv, MLX matmul {row['mlxkv_mx_linear_tok_s']:8.1f} tok/s"
         if single:
             row["mlx_lm_generate_tok_s"] = statistics.median(single)
             row["ratio_generate"] = row["mlxkv_tok_s"] / row["mlx_lm_generate_tok_s"]

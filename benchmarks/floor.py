@@ -2,7 +2,12 @@
 
 Bandwidth is measured on this machine (an MLX copy of a 512 MiB array, and numpy's), then
 one decode step of the engine at batch B and context L is timed and compared with the
-time it takes just to stream the weights and the batch's KV once.
+time it takes just to stream the weights and the batch's KV once. When the engine runs its
+linear layers through the compiled small-M linear (mlxkv._ext, CPU), the same steps are
+also timed with MLX's matmul (MLXKV_LINEAR=reference), interleaved in blocks of steps, and
+with zero-cost linears (every linear layer returns zeros without reading its weight: not a
+valid forward, only the cost of the rest of the step; the zero K/V it writes change the
+values the other sides read next, not their cost).
 
     python benchmarks/floor.py                    # SmolLM2, batch 1 and 8, context 512
     python benchmarks/floor.py --quick
@@ -18,7 +23,8 @@ import time
 from pathlib import Path
 
 from _common import (  # BLAS first
-    RESULTS, bar_plot, header, load_model_for, print_header, write_json)
+    RESULTS, bar_plot, engine_step_times, header, linear_variants, load_model_for,
+    print_header, write_json)
 from tqdm import tqdm
 
 import mlx.core as mx  # noqa: E402, I001
@@ -89,16 +95,26 @@ def stop_decode(llm, batch: int) -> None:
     llm.engine.step()
 
 
-def step_time(llm, batch: int, context: int, fill: str = "prefill") -> float:
-    """Median time of 8 engine decode steps at `batch` sequences of `context` tokens."""
+def zero_linear_variant(llm):
+    """apply() of a diagnostic side: the runner's linears return zeros at no cost."""
+    from mlxkv.models.linear_seam import route_linears
+
+    def zeros(x, w, b):  # still depends on x: MLX must not drop what computed x as dead
+        return mx.zeros((*x.shape[:-1], w.shape[0]), dtype=x.dtype) + x[..., :1] * 0
+
+    net, _ = route_linears(llm.engine.runner.model, zeros, max_rows=1 << 30)
+    return lambda: setattr(llm.engine.runner, "net", net)
+
+
+def step_times(llm, batch: int, context: int, variants: dict, fill: str = "prefill",
+               rounds: int = 8) -> dict[str, float]:
+    """(median, min) engine decode step per variant at `batch` sequences of `context`
+    tokens (`rounds` x 2 timed steps each, interleaved: _common.engine_step_times). On a
+    shared machine the min is the better estimate of a side's own cost."""
     start_decode(llm, batch, context, fill)
-    times = []
-    for _ in range(8):
-        start = time.perf_counter()
-        llm.engine.step()
-        times.append(time.perf_counter() - start)
+    times = engine_step_times(llm.engine, variants, rounds)
     stop_decode(llm, batch)
-    return statistics.median(times)
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
 def main(argv=None) -> dict:
@@ -116,20 +132,28 @@ def main(argv=None) -> dict:
     from mlxkv.llm import LLM
 
     llm = LLM(EngineConfig(cache=CacheConfig()), loaded=loaded)
-    h = header(name, "float32", {"batches": batches, "context": context})
+    h = header(name, "float32", {"batches": batches, "context": context,
+                                 "linear": llm.engine.cache_stats()["linear"]["backend"]})
     print_header(h)
     bw = bandwidth_gib_s(64 if args.quick else 512)
     weights = sum(v.nbytes for _, v in tree_flatten(llm.engine.runner.model.parameters()))
     kv_per_token = llm.engine.store.bytes_per_token()
+    variants = {**linear_variants(llm), "_zero_linear": zero_linear_variant(llm)}
     rows = []
     for b in tqdm(batches, desc="batches"):
-        t = step_time(llm, b, context)
+        ts = step_times(llm, b, context, variants, rounds=2 if args.quick else 8)
+        t = ts[""][0]
         moved = weights + b * context * kv_per_token
         floor = moved / (bw["floor_gib_s"] * 2**30)
-        rows.append({"batch": b, "context": context, "step_s": t, "bytes_per_step": moved,
-                     "floor_s": floor, "fraction_of_floor": floor / t})
-        tqdm.write(f"batch {b:>3}, context {context}: step {t * 1e3:7.1f} ms, floor "
-              f"{floor * 1e3:6.2f} ms ({100 * floor / t:4.1f}% of the step is memory traffic)")
+        row = {"batch": b, "context": context, "step_s": t, "bytes_per_step": moved,
+               "floor_s": floor, "fraction_of_floor": floor / t}
+        for name, (median, least) in ts.items():
+            row[f"step{name}_s"], row[f"step{name}_min_s"] = median, least
+        rows.append(row)
+        sides = "; ".join(f"{name[1:] or 'step'} {med * 1e3:.1f} (min {least * 1e3:.1f}) ms"
+                          for name, (med, least) in ts.items())
+        tqdm.write(f"batch {b:>3}, context {context}: {sides}; floor {floor * 1e3:6.2f} ms "
+                   f"(step / floor {t / floor:.2f}x, min {ts[''][1] / floor:.2f}x)")
     print(f"bandwidth: mlx {bw['mlx_gib_s']:.1f} GiB/s, numpy {bw['numpy_gib_s']:.1f} GiB/s; "
           f"weights {weights / 2**20:.0f} MiB, KV {kv_per_token} B/token")
     result = {**h, "bandwidth": bw, "weight_bytes": weights, "kv_bytes_per_token": kv_per_token,
@@ -138,8 +162,11 @@ def main(argv=None) -> dict:
     write_json(tag, result, args.out)
     bar_plot(Path(args.out) / f"{tag}.png", f"Decode step vs memory floor, {name}, "
              f"context {context}",
-             {f"batch {r['batch']} (ms)": {"step": r["step_s"] * 1e3, "floor": r["floor_s"] * 1e3}
-              for r in rows})
+             {f"batch {r['batch']} (ms)": {
+                 "step": r["step_s"] * 1e3,
+                 **({"step, MLX matmul": r["step_mx_linear_s"] * 1e3}
+                    if "step_mx_linear_s" in r else {}),
+                 "floor": r["floor_s"] * 1e3} for r in rows})
     return result
 
 

@@ -5,12 +5,11 @@ call + argmax). Paged: one mlxkv engine step (scheduling, attention, sampling) w
 running sequences of the same context, with the engine's decode attention ("auto": the
 Metal kernels, or the compiled CPU primitive mlxkv._ext when built) and forced onto the
 reference gather path; optionally also with compressed pools (`--codecs e8:k4v4 int8`).
-Every round times one step of each side in turn (interleaved, so load on the machine hits
-all sides alike); the median of `--rounds` rounds is reported; tokens/s = B / step. A paged
-side's time includes draining its step (`mx.synchronize()`): the engine returns from step()
-with the step still evaluating, which would otherwise run in the next side's interval (it
-did until #14, charging each side for the one timed before it). So this is one step's full
-latency; the overlap of consecutive steps (pipelining) is bench_throughput's to show.
+When the engine runs its linear layers through the compiled small-M linear (CPU), a
+"paged, MLX matmul" side runs the same engine with MLX's matmul (MLXKV_LINEAR=reference);
+dense mlx-lm always keeps MLX's matmul. Every round times one step of each side in turn
+(interleaved, so load on the machine hits all sides alike; each side settled first, see
+measure_cell); the median of `--rounds` rounds is reported; tokens/s = B / step.
 
 The K/V of the context is not computed by a real prefill unless `--fill prefill`: the
 pools (and the dense cache) hold zeros, since a decode step costs the same whatever the
@@ -89,32 +88,34 @@ def make_llm(loaded, codec: str, tokens: int):
 
 def measure_cell(model, engines: dict, batch: int, context: int, fill: str,
                  rounds: int) -> dict[str, float]:
-    """Median step seconds per side: 'dense', then one per engine variant, interleaved."""
+    """Median step seconds per side: 'dense', then one per engine variant ({name: (llm,
+    decode op[, module tree the runner runs])}). Sides take turns every round. Before
+    each side MLX's queue is drained, and an engine side runs one untimed step after its
+    variant is set: the engine pipelines, so a step's time is mostly the evaluation of the
+    step launched before it (_common.engine_step_times); unsettled, a side would pay for
+    its predecessor's step."""
     from mlxkv.attention import default_decode_op
 
     _fresh()
     dense = DenseDecode(model, batch, context, fill)
-    sides = {"dense": dense.step}
-    llms = list({id(llm): llm for llm, _ in engines.values()}.values())
+    llms = list({id(v[0]): v[0] for v in engines.values()}.values())
+    configured = {id(llm): llm.engine.runner.net for llm in llms}
     for llm in llms:
         start_decode(llm, batch, context, fill)
-    for name, (llm, op) in engines.items():
-
-        def step(llm=llm, op=op):
-            llm.engine.runner.decode_op = op
-            llm.engine.step()
-            # engine.step() returns with its step still evaluating (async_eval, pipelining):
-            # drain it inside this side's interval, or it runs in the next side's.
-            mx.synchronize()
-        sides[name] = step
-    for fn in sides.values():  # warm-up
-        fn()
-    times = {name: [] for name in sides}
+    dense.step()  # warm-up
+    times = {"dense": [], **{name: [] for name in engines}}
     for _ in range(rounds):
-        for name, fn in sides.items():
-            times[name].append(_timed(fn))
+        mx.synchronize()
+        times["dense"].append(_timed(dense.step))
+        for name, (llm, op, *net) in engines.items():
+            mx.synchronize()
+            llm.engine.runner.decode_op = op
+            llm.engine.runner.net = net[0] if net else configured[id(llm)]
+            llm.engine.step()
+            times[name].append(_timed(llm.engine.step))
     for llm in llms:
         llm.engine.runner.decode_op = default_decode_op("auto")
+        llm.engine.runner.net = configured[id(llm)]
         stop_decode(llm, batch)
     del dense
     return {name: statistics.median(t) for name, t in times.items()}
@@ -142,11 +143,14 @@ def main(argv=None) -> dict:
     loaded, name = load_model_for(args)
     from mlxkv.attention import default_decode_op
 
-    tokens = max(batches) * (max(contexts) + args.rounds + 8)
+    tokens = max(batches) * (max(contexts) + 6 * args.rounds + 16)  # 2 steps per side, round
     base = make_llm(loaded, "auto", tokens)
     auto_op = base.engine.runner.decode_op
-    auto_name = base.engine.kernels.report()["backend"]  # the op is the engine's KernelGuard
-    engines = {"paged": (base, auto_op)}
+    auto_name = base.engine.cache_stats()["attention"]["backend"]  # e.g. cpu-ext
+    runner = base.engine.runner  # linears routed through mlxkv._ext: also MLX's matmul
+    mx_linear = {"paged_mx_linear": (base, auto_op, runner.model)} if (
+        runner.net is not runner.model) else {}
+    engines = {"paged": (base, auto_op), **mx_linear}
     if not args.no_reference:
         engines["paged_ref"] = (base, default_decode_op("reference"))
     variants = []
@@ -163,12 +167,17 @@ def main(argv=None) -> dict:
                                  "auto_attention": auto_name, "codecs": variants,
                                  "fill": args.fill, "rounds": args.rounds})
     print_header(h)
+    h["settings"]["linear"] = base.engine.cache_stats()["linear"]["backend"]
+    print(f"# linear layers: {h['settings']['linear']}")
     rows = []
     for b in batches:
         for ctx in tqdm(contexts, desc=f"batch {b}"):
             t = measure_cell(base.engine.runner.model, engines, b, ctx, args.fill, args.rounds)
             row = {"batch": b, "context": ctx, "dense_tok_s": b / t["dense"],
                    "paged_tok_s": b / t["paged"], "ratio": t["dense"] / t["paged"]}
+            if "paged_mx_linear" in t:
+                row.update(paged_mx_linear_tok_s=b / t["paged_mx_linear"],
+                           mx_linear_ratio=t["dense"] / t["paged_mx_linear"])
             if "paged_ref" in t:
                 row.update(paged_ref_tok_s=b / t["paged_ref"], ref_ratio=t["dense"] / t["paged_ref"])
             row["codecs"] = {c: {"tok_s": b / t[f"paged[{c}]"],
@@ -178,6 +187,8 @@ def main(argv=None) -> dict:
             extra = "".join(f" | {c} {v['vs_fp']:.2f}x of fp pool"
                             for c, v in row["codecs"].items())
             ref = f" (reference {row['ref_ratio']:.2f})" if "ref_ratio" in row else ""
+            ref += (f" | paged, MLX matmul {row['paged_mx_linear_tok_s']:7.1f} tok/s, /dense "
+                    f"{row['mx_linear_ratio']:.2f}") if "mx_linear_ratio" in row else ""
             tqdm.write(f"batch {b:>2} ctx {ctx:>5}: paged[{auto_name}] {b / t['paged']:7.1f} "
                        f"tok/s | dense {b / t['dense']:7.1f} | paged/dense {row['ratio']:.2f}"
                        f"{ref}{extra}")

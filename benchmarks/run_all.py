@@ -54,18 +54,21 @@ def _src(d: dict, cmd: str, name: str) -> str:
             f"{cpu}; results/{name}.json)")
 
 
-def table_throughput(d):
+def table_throughput(d, name="throughput"):
     s = d["settings"]
+    mxl = any("mlxkv_mx_linear_tok_s" in r for r in d["rows"])
     rows = [f"{s['prompt_len']}-token prompts, {s['max_tokens']} generated tokens, median of "
             f"{s['repeats']}", "",
-            "| concurrent | mlxkv tok/s | mlx-lm BatchGenerator tok/s | ratio | mlx-lm "
-            "generate tok/s | ratio |", "|---:|---:|---:|---:|---:|---:|"]
+            "| concurrent | mlxkv tok/s |" + (" mlxkv, MLX matmul tok/s |" if mxl else "")
+            + " mlx-lm BatchGenerator tok/s | ratio | mlx-lm generate tok/s | ratio |",
+            "|---:|---:|" + ("---:|" if mxl else "") + "---:|---:|---:|---:|"]
     for r in d["rows"]:
         single = (f"{r['mlx_lm_generate_tok_s']:.1f} | {r['ratio_generate']:.2f}"
                   if "mlx_lm_generate_tok_s" in r else "- | -")
-        rows.append(f"| {r['concurrency']} | {r['mlxkv_tok_s']:.1f} | {r['mlx_lm_tok_s']:.1f} | "
-                    f"{r['ratio']:.2f} | {single} |")
-    return [_src(d, "bench_throughput.py", "throughput"), ""] + rows
+        other = f" {r.get('mlxkv_mx_linear_tok_s', float('nan')):.1f} |" if mxl else ""
+        rows.append(f"| {r['concurrency']} | {r['mlxkv_tok_s']:.1f} |{other} "
+                    f"{r['mlx_lm_tok_s']:.1f} | {r['ratio']:.2f} | {single} |")
+    return [_src(d, "bench_throughput.py", name), ""] + rows
 
 
 def table_step_profile(d):
@@ -119,34 +122,56 @@ def table_shared(d):
     return [_src(d, f"shared_prefix.py --model {d['model']}", "shared_prefix"), "", *rows]
 
 
-def table_pvd(d):
+def table_pvd(d, name="paged_vs_dense"):
     st = d.get("settings", {})
     codecs = st.get("codecs", [])
     head = "| batch | context | paged tok/s | dense tok/s | paged / dense |"
     head += " reference / dense |" if any("ref_ratio" in r for r in d["rows"]) else ""
+    mxl = any("mx_linear_ratio" in r for r in d["rows"])
+    head += " paged, MLX matmul tok/s | paged, MLX matmul / dense |" if mxl else ""
     head += "".join(f" `{c}` / fp pool |" for c in codecs)
     rows = [head, "|" + "---:|" * (head.count("|") - 1)]
     for r in d["rows"]:
         line = (f"| {r['batch']} | {r['context']} | {r['paged_tok_s']:.1f} | "
                 f"{r['dense_tok_s']:.1f} | {r['ratio']:.2f} |")
         line += f" {r['ref_ratio']:.2f} |" if "ref_ratio" in r else ""
+        if mxl:
+            line += f" {r['paged_mx_linear_tok_s']:.1f} | {r['mx_linear_ratio']:.2f} |"
         line += "".join(f" {r['codecs'][c]['vs_fp']:.2f} |" for c in codecs)
         rows.append(line)
-    note = (f"Attention `{st.get('auto_attention', '?')}`, K/V fill `{st.get('fill', 'prefill')}`, "
+    note = (f"Attention `{st.get('auto_attention', '?')}`, linear layers "
+            f"`{st.get('linear', 'reference')}`, K/V fill `{st.get('fill', 'prefill')}`, "
             f"median of {st.get('rounds', 8)} interleaved rounds.")
-    return [_src(d, "paged_vs_dense.py", "paged_vs_dense"), "", note, "", *rows]
+    return [_src(d, "paged_vs_dense.py", name), "", note, "", *rows]
 
 
-def table_floor(d):
+def table_floor(d, name="floor"):
     bw = d["bandwidth"]
+    sides = [("", "step")]
+    sides += [("_mx_linear", "step, MLX matmul")] if any(
+        "step_mx_linear_s" in r for r in d["rows"]) else []
+    sides += [("_zero_linear", "step, zero-cost linears")] if any(
+        "step_zero_linear_s" in r for r in d["rows"]) else []
+    has_min = any("step_min_s" in r for r in d["rows"])
+    unit = "ms (median / min)" if has_min else "ms"
     rows = [f"Measured bandwidth: MLX {bw['mlx_gib_s']:.1f} GiB/s, numpy {bw['numpy_gib_s']:.1f}"
             f" GiB/s (the floor uses the faster); weights {d['weight_bytes'] / 2**20:.0f} MiB; KV "
-            f"{d['kv_bytes_per_token']} B/token.", "",
-            "| batch | context | step ms | floor ms | floor / step |", "|---:|---:|---:|---:|---:|"]
-    rows += [f"| {r['batch']} | {r['context']} | {r['step_s'] * 1e3:.1f} | "
-             f"{r['floor_s'] * 1e3:.2f} | {100 * r['fraction_of_floor']:.1f}% |"
-             for r in d["rows"]]
-    return [_src(d, "floor.py", "floor"), "", *rows]
+            f"{d['kv_bytes_per_token']} B/token; linear layers "
+            f"`{d['settings'].get('linear', 'reference')}`.", "",
+            "| batch | context | floor ms |" + "".join(f" {label} {unit} |" for _, label in sides)
+            + " step / floor |", "|---:|---:|---:|" + "---:|" * (len(sides) + 1)]
+    for r in d["rows"]:
+        cells = []
+        for key, _ in sides:
+            med = r[f"step{key}_s"] * 1e3
+            least = r.get(f"step{key}_min_s")
+            cells.append(f"{med:.1f} / {least * 1e3:.1f}" if least is not None else f"{med:.1f}")
+        ratio = f"{r['step_s'] / r['floor_s']:.2f}x"
+        if "step_min_s" in r:
+            ratio += f" / {r['step_min_s'] / r['floor_s']:.2f}x"
+        rows.append(f"| {r['batch']} | {r['context']} | {r['floor_s'] * 1e3:.2f} | "
+                    + " | ".join(cells) + f" | {ratio} |")
+    return [_src(d, "floor.py", name), "", *rows]
 
 
 def table_kernels(d):
@@ -165,6 +190,19 @@ def table_kernels(d):
         rows += ["", "| tokens | op | ms |", "|---:|---|---:|"]
         rows += [f"| {r['tokens']} | `{r['op']}` | {r['ms']:.2f} |" for r in enc]
     return [_src(d, "bench_kernels.py", "kernels"), "", *rows]
+
+
+def table_linear(d):
+    bw = d["bandwidth"]["floor_gib_s"]
+    rows = [f"Copy bandwidth {bw:.1f} GiB/s; min (median) ms per call over "
+            f"{d['settings']['rounds']} interleaved rounds, each call streaming its own W.", "",
+            "| shape | N x K | M | primitive ms | MLX matmul ms | MLX / primitive | W floor ms |",
+            "|---|---|---:|---:|---:|---:|---:|"]
+    rows += [f"| {r['shape']} | {r['n']}x{r['k']} | {r['m']} | {r['primitive']['min_ms']:.3f} "
+             f"({r['primitive']['median_ms']:.3f}) | {r['mlx']['min_ms']:.3f} "
+             f"({r['mlx']['median_ms']:.3f}) | {r['speedup']:.2f}x | {r['w_floor_ms']:.3f} |"
+             for r in d["rows"]]
+    return [_src(d, "bench_linear.py", "linear"), "", *rows]
 
 
 def _projection_codecs(d: dict) -> list[str]:
@@ -210,6 +248,13 @@ def render(results: Path) -> None:
         "paged_vs_dense": ("benchmarks.md", "paged_vs_dense", table_pvd),
         "floor": ("benchmarks.md", "floor", table_floor),
         "kernels": ("kernels.md", "kernels", table_kernels),
+        "linear": ("kernels.md", "linear", table_linear),
+        "linear_floor": ("kernels.md", "linear_engine/floor",
+                         lambda d: table_floor(d, "linear_engine/floor")),
+        "linear_pvd": ("kernels.md", "linear_engine/paged_vs_dense",
+                       lambda d: table_pvd(d, "linear_engine/paged_vs_dense")),
+        "linear_throughput": ("kernels.md", "linear_engine/throughput",
+                              lambda d: table_throughput(d, "linear_engine/throughput")),
         "step_profile": ("benchmarks.md", "step_profile", table_step_profile),
         "speculative": ("speculative.md", "speculative", table_speculative),
         "quality_smollm2": ("compression.md", "quality_smollm2-135m-instruct",

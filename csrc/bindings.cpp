@@ -6,6 +6,7 @@
 
 #include "attend.h"
 #include "kv_encode_cpu.h"
+#include "linear.h"
 #include "paged_attention_cpu.h"
 
 namespace nb = nanobind;
@@ -45,6 +46,9 @@ NB_MODULE(_ext, m) {
         "Test helper (eager): E8 targets [N, 8] -> [N, 9] (j, then p); D4 [N, 4] -> k [N, 4].");
   m.def("powf_square", &mlxkv::powf_square, "x"_a,
         "Test helper (eager): x ** 2 as MLX's CPU backend computes it (powf), fp32.");
+  m.def("small_m_linear", &mlxkv::small_m_linear, "x"_a, "weight"_a, "bias"_a = nb::none(),
+        nb::kw_only(), "num_threads"_a = 0,
+        "y = x @ weight.T (+ bias), float32, for few rows of x (decode) -> [..., N] (CPU).");
   m.def("simd_level", &mlxkv::best_isa,
         "1 when the AVX2+FMA build of the kernels runs on this CPU, 0 for the portable one.");
 }

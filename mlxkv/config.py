@@ -186,9 +186,11 @@ class EngineConfig:
     kernel_verbose: bool = False
     attention: str = "auto"  # "auto": fused kernels (Metal, or mlxkv._ext on CPU); "reference"
     kernel_selfcheck: bool = True  # check each accelerator kernel against its twin at start-up
+    linear: str = "auto"  # "auto": decode matmuls via mlxkv._ext on CPU; "reference": MLX's
 
     def __post_init__(self) -> None:
         _check(self.attention in ("auto", "reference"), "attention", "'auto' or 'reference'")
+        _check(self.linear in ("auto", "reference"), "linear", "'auto' or 'reference'")
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -279,4 +281,5 @@ class EngineConfig:
             kernel_verbose=os.environ.get("MLXKV_KERNEL_VERBOSE", "0") == "1",
             attention=os.environ.get("MLXKV_ATTENTION", "auto"),
             kernel_selfcheck=os.environ.get("MLXKV_KERNEL_SELFCHECK", "1") != "0",
+            linear=os.environ.get("MLXKV_LINEAR", "auto"),
         )

@@ -66,7 +66,7 @@ class LLMEngine:
             config.attention, config.kernel_verbose, store,
             getattr(getattr(model, "args", None), "num_attention_heads", None),
             selfcheck=config.kernel_selfcheck)
-        self.runner = ModelRunner(model, store, decode_op)
+        self.runner = ModelRunner(model, store, decode_op, config.linear)
         self.scheduler = Scheduler(config.scheduler, cache)
         self.structured = StructuredOutputs(tokenizer)  # JSON-schema masks (json_schema rows)
         self.processor = OutputProcessor(self.scheduler, cache, tokenizer, self.structured,
@@ -354,6 +354,7 @@ class LLMEngine:
         stats["attention"] = self.kernels.report()
         if self.speculator.model is not None:
             stats["draft"] = self.speculator.model.stats()
+        stats["linear"] = self.runner.linear.report()
         return stats
 
     def metrics(self) -> dict:

@@ -8,23 +8,29 @@ from mlxkv.attention import DecodeOp
 from mlxkv.inputs import BatchInputs
 from mlxkv.kv_store import KVStore
 from mlxkv.models import adapter
+from mlxkv.models.linear_seam import select_linear
 
 
 class ModelRunner:
     """Owns the model and the store; knows nothing of requests or the scheduler."""
 
-    def __init__(self, model, store: KVStore, decode_op: DecodeOp | None = None):
-        """`decode_op`: fused decode attention (attention.default_decode_op()), or None."""
+    def __init__(self, model, store: KVStore, decode_op: DecodeOp | None = None,
+                 linear: str = "auto"):
+        """`decode_op`: fused decode attention (attention.default_decode_op()), or None.
+        `linear`: "auto" runs decode-shaped matmuls through the compiled small-M linear
+        where it applies (models/linear_seam.py), "reference" keeps MLX's matmul."""
         adapter.check_supported(model)
         adapter.install_seam()
-        self.model = model
+        self.model = model  # as loaded: mlx-lm code sharing it keeps its own matmuls
+        # What forward runs: `model`, or a view of it with routed linears (same weights).
+        self.net, self.linear = select_linear(model, linear)
         self.store = store
         self.windows = adapter.layer_windows(model)
         self.decode_op = decode_op
 
     def forward(self, batch: BatchInputs) -> mx.array:
         """fp32 logits [num_sampling_seqs, vocab] (lazy; the store's writes are in the graph)."""
-        return adapter.paged_forward(self.model, self.store, batch, self.windows,
+        return adapter.paged_forward(self.net, self.store, batch, self.windows,
                                      self.decode_op)
 
     def copy_blocks(self, cow_copies: list[list[tuple[int, int]]]) -> None:

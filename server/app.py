@@ -99,6 +99,13 @@ def _attention_metrics(attention: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _linear_metrics(linear: dict) -> str:
+    """Prometheus lines: what the linear layers run (cpu-ext or reference)."""
+    return ("# HELP mlxkv_linear_backend_info backend of the model's linear layers\n"
+            "# TYPE mlxkv_linear_backend_info gauge\n"
+            f'mlxkv_linear_backend_info{{backend="{linear.get("backend", "reference")}"}} 1\n')
+
+
 def create_app(engine: EngineClient, config: ServerConfig | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (which must already be running)."""
     config = config or ServerConfig()
@@ -121,17 +128,20 @@ def create_app(engine: EngineClient, config: ServerConfig | None = None) -> Fast
     async def health():
         if not engine.is_healthy():
             return JSONResponse({"status": "engine dead"}, status_code=503)
-        attention = engine.cache_stats().get("attention", {})
+        stats = engine.cache_stats()
+        attention, linear = stats.get("attention", {}), stats.get("linear", {})
         disabled = sorted(k for k, s in attention.get("kernels", {}).items()
                           if s["state"] == "disabled")
         return {"status": "ok", "attention_backend": attention.get("backend", "reference"),
+                "linear_backend": linear.get("backend", "reference"),
                 "disabled_kernels": disabled}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         stats = engine.cache_stats()
         return (prom.render(engine.metrics(), stats, dict(http_counts))
-                + _attention_metrics(stats.get("attention", {})))
+                + _attention_metrics(stats.get("attention", {}))
+                + _linear_metrics(stats.get("linear", {})))
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def models():

@@ -130,3 +130,12 @@ def test_kernels_quick(tmp_path):
     attention = [r for r in data["rows"] if "context" in r]
     assert attention and all(r["ms"] > 0 and r["floor_ms"] > 0 for r in attention)
     assert (tmp_path / "kernels_quick.png").stat().st_size > 0
+
+
+def test_linear_quick(tmp_path):
+    proc = run("bench_linear.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "linear_quick.json").read_text())
+    assert {"git_revision", "hardware", "settings", "bandwidth", "rows"} <= set(data)
+    assert [r["m"] for r in data["rows"]] == [1, 8]
+    assert all(r["primitive"]["min_ms"] > 0 and r["mlx"]["min_ms"] > 0 for r in data["rows"])

@@ -187,12 +187,15 @@ def test_health_stats_and_metrics_name_the_backend_and_the_disabled_kernel(monke
     _, engine = serve(model)
     client = TestClient(create_app(StatsOnly(engine.cache_stats())))
     key = "decode fp32/fp32 d64 kvh2"
+    linear = engine.cache_stats()["linear"]["backend"]
     assert client.get("/health").json() == {"status": "ok", "attention_backend": "reference",
+                                            "linear_backend": linear,
                                             "disabled_kernels": [key]}
     stats = client.get("/v1/cache/stats").json()["attention"]
     assert stats["device_backend"] == "fake" and stats["kernels"][key]["state"] == "disabled"
     metrics = client.get("/metrics").text
     assert 'mlxkv_attention_backend_info{backend="reference"} 1' in metrics
+    assert f'mlxkv_linear_backend_info{{backend="{linear}"}} 1' in metrics
     assert f'mlxkv_kernel_enabled{{kernel="{key}",state="disabled"}} 0' in metrics
 
 
