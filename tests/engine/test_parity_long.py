@@ -170,7 +170,10 @@ def test_smollm2_int8_pool_matches_decode_then_attend(smollm2, monkeypatch):
     The compiled CPU primitive sums in another order (its ~1e-6 differences flip a rounding
     step within ~60 tokens), so this test runs the engine's reference attention; the
     primitive is held to the reference on int8 pools by tests/kernels/ and the codec oracles
-    of tests/engine/test_equivalence.py.
+    of tests/engine/test_equivalence.py. For the same reason the engine's linears use MLX's
+    matmul here, like the reference's (the compiled small-M linear flipped a step near token
+    56; it is held to MLX's matmul by tests/kernels/test_small_m_linear.py and the SmolLM2
+    parity of tests/kernels/test_linear_seam.py).
     """
     import mlxkv.attention
 
@@ -178,7 +181,7 @@ def test_smollm2_int8_pool_matches_decode_then_attend(smollm2, monkeypatch):
     model = smollm2.model
     prompts = [smol_prompts(smollm2.tokenizer)[i] for i in (0, 4)]
     codecs = parse_kv_codec("int8", len(model.layers))
-    llm = make_llm(smollm2, kv_codec="int8", enable_prefix_caching=False)
+    llm = make_llm(smollm2, kv_codec="int8", enable_prefix_caching=False, linear="reference")
     assert {c.name for pair in llm.engine.store.codecs.values() for c in pair} == {"int8"}
     assert llm.engine.kernels.report()["backend"] == "reference"
     for prompt in prompts:
