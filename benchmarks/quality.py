@@ -25,7 +25,7 @@ import math
 import time
 from pathlib import Path
 
-from _common import RESULTS, header, load_model_for, plot, print_header, write_json  # first: BLAS
+from _common import RESULTS, header, load_model_for, print_header  # first: BLAS
 
 import mlx.core as mx  # noqa: E402, I001
 
@@ -39,6 +39,7 @@ from mlxkv.kv_store import KVStore
 from mlxkv.models.adapter import group_specs_for
 from mlxkv.runner import ModelRunner
 from _kvbytes import geometry, projection, split_bytes  # noqa: E402
+from _quality_results import ctx_block, family_of, finish, merge  # noqa: E402
 
 CODECS = ["auto", "int8", "int6", "int4", "e8:k8v8", "e8:k7v7", "e8:k6v6", "e8:k6v5",
           "e8:k5v5", "e8:k4v4", "lloyd:k6v6", "lloyd:k6v5", "lloyd:k5v5", "lloyd:k4v4",
@@ -56,13 +57,45 @@ def windows_from_corpus(tokenizer, ctx: int, num: int, offset_chars: int) -> lis
     return [ids[i * ctx : (i + 1) * ctx] for i in range(num)]
 
 
-def _scores(logits, targets, ref_chunk):
-    """(nll [N, T], kl [N, T] or None, TopKReference or None) of logits [N, T, vocab]."""
+def _scores(logits, targets, ref_rows):
+    """(nll [rows], kl [rows] or None, TopKReference or None) of logits [rows, vocab]."""
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     nll = -mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    if ref_chunk is None:
+    if ref_rows is None:
         return nll, None, TopKReference.of(logits)
-    return nll, ref_chunk.kl(logits), None
+    return nll, ref_rows.kl(logits), None
+
+
+def _ref_rows(ref: TopKReference, a: int, b: int) -> TopKReference:
+    return TopKReference(ref.ids[a:b], ref.logp[a:b], ref.tail[a:b])
+
+
+def _ref_concat(refs: list[TopKReference]) -> TopKReference:
+    return TopKReference(*(mx.concatenate([getattr(r, f) for r in refs], axis=0)
+                           for f in ("ids", "logp", "tail")))
+
+
+def score_rows(runner, hidden, targets, ref, score_mib: float):
+    """nll [rows], and kl [rows] against `ref` (or, when `ref` is None, the rows'
+    TopKReference) of final hidden states [rows, hidden_size] and targets [rows].
+
+    The LM head runs on slices of rows so that one slice's fp32 logits stay under
+    `score_mib` MiB: [rows, vocab] is never materialised whole (Gemma-3's 262k vocab makes
+    2,048 rows 2 GiB, and scoring takes a few such arrays).
+    """
+    vocab = runner.logits_of(hidden[:1]).shape[-1]  # shape inference only, nothing runs
+    step = max(1, int(score_mib * 2**20) // (4 * vocab))
+    nlls, kls, refs = [], [], []
+    for a in range(0, hidden.shape[0], step):
+        b = min(a + step, hidden.shape[0])
+        nll, kl, r = _scores(runner.logits_of(hidden[a:b]), targets[a:b],
+                             None if ref is None else _ref_rows(ref, a, b))
+        mx.eval(nll) if kl is None else mx.eval(nll, kl)
+        nlls.append(nll), kls.append(kl), refs.append(r)
+    nll = mx.concatenate(nlls)
+    if ref is None:
+        return nll, None, _ref_concat(refs)
+    return nll, mx.concatenate(kls), None
 
 
 def _chunk_batch(cache, windows, start, end, logits_all: bool):
@@ -79,7 +112,7 @@ def _chunk_batch(cache, windows, start, end, logits_all: bool):
 
 
 def run_codec(model, layer_codecs, windows, ref=None, block_size: int = 16, packed=False,
-              chunk: int = 1):
+              chunk: int = 1, score_mib: float = 256.0):
     """Scores of the second halves: nll and kl [N, scored], the store, and (when `ref` is
     None) the per-chunk TopKReference list to score later codecs against.
 
@@ -87,11 +120,12 @@ def run_codec(model, layer_codecs, windows, ref=None, block_size: int = 16, pack
     `chunk` tokens per forward (1: token by token). Teacher-forced, every chunk size reads
     the same coded K/V (each token's K/V are written, coded, before any query reads them),
     so the logits agree to fp32 noise (tests/codec/test_roundtrip.py, and `chunk_check` in
-    this script's JSON); larger chunks only save forwards.
+    this script's JSON); larger chunks only save forwards. Logits are scored in slices
+    (`score_rows`), so peak memory does not grow with windows x chunk x vocab.
     """
     groups = group_specs_for(model)
-    ctx = len(windows[0])
-    blocks = [len(windows) * (ctx // block_size + 2) + 1] * len(groups)
+    num, ctx = len(windows), len(windows[0])
+    blocks = [num * (ctx // block_size + 2) + 1] * len(groups)
     codecs = layer_codecs if packed else round_trip_layers(layer_codecs)
     store = KVStore(groups, blocks, block_size, mx.float32, codecs)
     cache = KVCacheManager(groups, blocks, block_size, enable_prefix_caching=False)
@@ -99,72 +133,58 @@ def run_codec(model, layer_codecs, windows, ref=None, block_size: int = 16, pack
     half, all_ids = ctx // 2, mx.array(windows)
     for i, w in enumerate(windows):
         cache.lookup(str(i), w)
-    # the prefill's last logits predict token `half`; a chunk over [a, b) predicts a+1..b
-    logits = runner.forward(_chunk_batch(cache, windows, 0, half, False))[:, None]
+    # the prefill's last hidden state predicts token `half`; a chunk over [a, b) predicts
+    # a+1..b; rows are window-major ([num, rows per window] flattened)
+    hidden = runner.forward_hidden(_chunk_batch(cache, windows, 0, half, False))
     nlls, kls, refs = [], [], []
     pos = half  # the next token to score
     while True:
-        nll, kl, r = _scores(logits, all_ids[:, pos:pos + logits.shape[1]],
-                             None if ref is None else ref[len(nlls)])
-        mx.eval(nll) if kl is None else mx.eval(nll, kl)
-        nlls.append(nll), kls.append(kl), refs.append(r)
-        pos += logits.shape[1]
+        mx.eval(hidden, store.arrays())
+        width = hidden.shape[0] // num
+        targets = all_ids[:, pos:pos + width].reshape(-1)
+        nll, kl, r = score_rows(runner, hidden, targets, None if ref is None else ref[len(nlls)],
+                                score_mib)
+        nlls.append(nll.reshape(num, width)), refs.append(r)
+        kls.append(None if kl is None else kl.reshape(num, width))
+        pos += width
         if pos >= ctx:
             break
         start, end = pos - 1, min(ctx - 1, pos - 1 + chunk)
-        logits = runner.forward(_chunk_batch(cache, windows, start, end, True))
-        logits = logits.reshape(len(windows), end - start, -1)
-        mx.eval(logits, store.arrays())
+        hidden = runner.forward_hidden(_chunk_batch(cache, windows, start, end, True))
     kl = None if ref is None else mx.concatenate(kls, axis=1)
     return mx.concatenate(nlls, axis=1), kl, store, (refs if ref is None else None)
 
 
-def iso_table(rows: list[dict], key: str = "x_vs_fp16") -> list[dict]:
-    """Per dPPL target, the cheapest codec within it (overall and per family)."""
-    out = []
-    for target in (0.5, 1.0, 2.0):
-        entry = {"dppl_target_pct": target}
-        for fam in (None, "affine", "lattice", "lloyd", "auto"):
-            ok = [r for r in rows if r["codec"] != "auto" and r["dppl_pct"] <= target
-                  and (fam is None or r["family"] == fam)]
-            best = max(ok, key=lambda r: r[key]) if ok else None
-            label = "" if fam is None else f"{fam}_"
-            entry[f"{label}codec"] = best and best["codec"]
-            entry[f"{label}x_vs_fp16"] = best and best[key]
-            if fam is None:
-                entry["bytes_per_token"] = best and best["bytes_per_token"]
-        out.append(entry)
-    return out
-
-
-def family_of(spec: str) -> str:
-    head = spec.split(",")[0]
-    if head.startswith("auto:"):
-        return "auto"
-    if head.startswith(("e8", "d4")):
-        return "lattice"
-    if head.startswith("lloyd"):
-        return "lloyd"
-    return "affine" if head.startswith("int") else "full"
-
-
-def chunk_check(model, windows, spec: str, chunk: int) -> dict:
-    """Max |difference| of per-token NLL and KL between token-by-token decode and `chunk`."""
+def chunk_check(model, windows, spec: str, chunk: int, score_mib: float = 256.0) -> dict:
+    """Token-by-token decode vs `chunk` tokens per forward, on the same windows: the largest
+    per-token |difference| of NLL and KL, and the codec's dPPL either way (what the
+    measurement reports; single tokens differ by fp32 summation order, see the doc)."""
     codecs = parse_kv_codec(spec, len(model.layers))
-    one = run_codec(model, None, windows, chunk=1)
-    many = run_codec(model, None, windows, chunk=chunk)
-    a = run_codec(model, codecs, windows, one[3], chunk=1)
-    b = run_codec(model, codecs, windows, many[3], chunk=chunk)
+    kw = {"score_mib": score_mib}
+    one = run_codec(model, None, windows, chunk=1, **kw)
+    many = run_codec(model, None, windows, chunk=chunk, **kw)
+    a = run_codec(model, codecs, windows, one[3], chunk=1, **kw)
+    b = run_codec(model, codecs, windows, many[3], chunk=chunk, **kw)
+
+    def dppl(codec_nll, ref_nll):
+        return 100 * (math.exp(mx.mean(codec_nll).item() - mx.mean(ref_nll).item()) - 1)
+
     return {"spec": spec, "ctx": len(windows[0]), "windows": len(windows), "chunk": chunk,
             "max_abs_nll_diff": mx.max(mx.abs(a[0] - b[0])).item(),
             "max_abs_kl_diff": mx.max(mx.abs(a[1] - b[1])).item(),
-            "mean_nll_token_by_token": mx.mean(a[0]).item(), "mean_nll_chunked": mx.mean(b[0]).item()}
+            "mean_nll_token_by_token": mx.mean(a[0]).item(), "mean_nll_chunked": mx.mean(b[0]).item(),
+            "ref_mean_nll_token_by_token": mx.mean(one[0]).item(),
+            "ref_mean_nll_chunked": mx.mean(many[0]).item(),
+            "dppl_pct_token_by_token": dppl(a[0], one[0]), "dppl_pct_chunked": dppl(b[0], many[0]),
+            "kl_token_by_token": mx.mean(a[1]).item(), "kl_chunked": mx.mean(b[1]).item()}
 
 
-def evaluate(model, name, specs, windows, packed, chunk, on_row=None) -> list[dict]:
+def evaluate(model, name, specs, windows, packed, chunk, on_row=None,
+             score_mib: float = 256.0) -> list[dict]:
     geo = geometry(model)
     ctx = len(windows[0])
-    ref_nll, _, store, ref = run_codec(model, None, windows, packed=packed, chunk=chunk)
+    ref_nll, _, store, ref = run_codec(model, None, windows, packed=packed, chunk=chunk,
+                                       score_mib=score_mib)
     rows = []
     for spec in specs:
         t0 = time.time()
@@ -173,7 +193,7 @@ def evaluate(model, name, specs, windows, packed, chunk, on_row=None) -> list[di
             nll, kl = ref_nll, mx.zeros(ref_nll.shape)
         else:
             nll, kl, store, _ = run_codec(model, codecs, windows, ref, packed=packed,
-                                          chunk=chunk)
+                                          chunk=chunk, score_mib=score_mib)
         b = split_bytes(geo, codecs, store.dtype)
         ppl = math.exp(mx.mean(nll).item())
         rows.append({"codec": spec, "family": family_of(spec), **b,
@@ -195,61 +215,6 @@ def _tag(name: str, args) -> str:
     return f"quality_{name.split()[0]}" + ("_quick" if args.quick else "") + args.tag
 
 
-def merge(paths: list[str], name: str, out: str, tag: str) -> dict:
-    """One result from runs over the same windows: the first file's rows, then every later
-    file's rows (a later equal spec replaces an earlier one); tables recomputed."""
-    import json
-
-    runs = [json.loads(Path(p).read_text()) for p in paths]
-    base = runs[0]
-    by_ctx = {}
-    for ctx in base["by_ctx"]:
-        rows = {}
-        for run in runs:
-            block = run["by_ctx"].get(ctx)
-            if block is None:
-                continue
-            ref = next(r for r in block["rows"] if r["codec"] == "auto")
-            ref0 = next(r for r in base["by_ctx"][ctx]["rows"] if r["codec"] == "auto")
-            assert abs(ref["ppl"] - ref0["ppl"]) < 1e-6 * ref0["ppl"], "different windows"
-            rows |= {r["codec"]: r for r in block["rows"]}
-        rows = list(rows.values())
-        by_ctx[ctx] = {"rows": rows, "iso_dppl": iso_table(rows),
-                       "iso_dppl_at_ctx": iso_table(rows, "x_vs_fp16_at_ctx")}
-    keep = {k: base[k] for k in ("timestamp", "git_revision", "hardware", "versions", "model",
-                                 "dtype", "settings")}
-    keep["merged_from"] = [Path(p).name for p in paths]
-    return finish(keep, name, base["num_layers"], base["geometry"], base["chunk_check"],
-                  by_ctx, out, tag)
-
-
-def finish(h: dict, name: str, num_layers: int, geo: list[dict], check, by_ctx: dict,
-           out: str, tag: str) -> dict:
-    """Projection, JSON and PNG of the per-window-length rows."""
-    main_ctx = by_ctx[max(by_ctx, key=int)]
-    proj = {r["codec"]: projection(geo, parse_kv_codec(r["codec"], num_layers, name),
-                                   mx.float32, [2048, 32768, 131072]) for r in main_ctx["rows"]}
-    result = {**h, "num_layers": num_layers, "geometry": geo, "chunk_check": check,
-              "fp16_bytes_per_token": main_ctx["rows"][0]["fp16_bytes_per_token"],
-              "rows": main_ctx["rows"], "iso_dppl": main_ctx["iso_dppl"], "by_ctx": by_ctx,
-              "projection": proj}
-    write_json(tag, result, out)
-    series = {}
-    for ctx, d in by_ctx.items():
-        for r in d["rows"]:
-            if r["family"] in ("affine", "lattice", "lloyd", "auto"):
-                xs, ys = series.setdefault(f"{r['family']} ({ctx})", ([], []))
-                xs.append(r["x_vs_fp16"])
-                ys.append(max(r["dppl_pct"], 1e-2))
-    for xs, ys in series.values():
-        order = sorted(range(len(xs)), key=xs.__getitem__)
-        xs[:], ys[:] = [xs[i] for i in order], [ys[i] for i in order]
-    plot(Path(out) / f"{tag}.png", f"KV compression vs dPPL, {name}",
-         "x smaller than fp16 (bytes/token, metadata included)", "dPPL % (log)", series,
-         log=True)
-    return result
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
@@ -263,6 +228,14 @@ def main(argv=None) -> dict:
                    help="second-half tokens per forward (1: token by token)")
     p.add_argument("--check-ctx", type=int, default=128,
                    help="window of the chunked-vs-token-by-token check (0: skip)")
+    p.add_argument("--check-windows", type=int, default=2)
+    p.add_argument("--check-spec", default="e8:k5v4")
+    p.add_argument("--check-only", action="store_true",
+                   help="run only that check (its JSON merges into a result's chunk_check)")
+    p.add_argument("--check-chunk", type=int, default=None,
+                   help="chunk of that check (default: --chunk, at most a quarter window)")
+    p.add_argument("--score-mib", type=float, default=256.0,
+                   help="largest fp32 logits slice scored at once (bounds peak memory)")
     p.add_argument("--tag", default="")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="only merge result files of the same model and windows (the first "
@@ -298,11 +271,18 @@ def main(argv=None) -> dict:
     check = None
     if args.check_ctx and args.chunk > 1:
         if args.quick and not args.model:
-            cw = [[(7 * i + 3 * j) % 500 + 1 for i in range(args.check_ctx)] for j in range(2)]
+            cw = [[(7 * i + 3 * j) % 500 + 1 for i in range(args.check_ctx)]
+                  for j in range(args.check_windows)]
         else:
-            cw = windows_from_corpus(loaded.tokenizer, args.check_ctx, 2, args.offset_chars)
-        check = chunk_check(model, cw, "e8:k5v4", min(args.chunk, args.check_ctx // 4))
+            cw = windows_from_corpus(loaded.tokenizer, args.check_ctx, args.check_windows,
+                                     args.offset_chars)
+        check = chunk_check(model, cw, args.check_spec,
+                            args.check_chunk or min(args.chunk, args.check_ctx // 4),
+                            args.score_mib)
         print(f"# chunked vs token-by-token: {check}", flush=True)
+    if args.check_only:
+        return finish(h, name, len(model.layers), geometry(model), check, {}, args.out,
+                      _tag(name, args))
     by_ctx = {}
     for ctx in ctxs:
         if args.quick and not args.model:
@@ -310,14 +290,13 @@ def main(argv=None) -> dict:
         else:
             windows = windows_from_corpus(loaded.tokenizer, ctx, num, args.offset_chars)
         def save(rows, ctx=ctx):
-            by_ctx[str(ctx)] = {"rows": rows, "iso_dppl": iso_table(rows),
-                                "iso_dppl_at_ctx": iso_table(rows, "x_vs_fp16_at_ctx")}
+            by_ctx[str(ctx)] = ctx_block(rows, num, args.chunk)
             finish(h, name, len(model.layers), geometry(model), check, by_ctx, args.out,
                    _tag(name, args))
 
-        rows = evaluate(model, name, codecs, windows, args.packed, args.chunk, save)
-        by_ctx[str(ctx)] = {"rows": rows, "iso_dppl": iso_table(rows),
-                            "iso_dppl_at_ctx": iso_table(rows, "x_vs_fp16_at_ctx")}
+        rows = evaluate(model, name, codecs, windows, args.packed, args.chunk, save,
+                        args.score_mib)
+        by_ctx[str(ctx)] = ctx_block(rows, num, args.chunk)
     return finish(h, name, len(model.layers), geometry(model), check, by_ctx, args.out,
                   _tag(name, args))
 
