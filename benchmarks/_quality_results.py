@@ -12,13 +12,15 @@ from _kvbytes import projection
 
 from mlxkv.codec import parse_kv_codec
 
+FAMILIES = ("affine", "lloyd", "lattice", "auto_lloyd", "auto")
+
 
 def iso_table(rows: list[dict], key: str = "x_vs_fp16") -> list[dict]:
     """Per dPPL target, the cheapest codec within it (overall and per family)."""
     out = []
     for target in (0.5, 1.0, 2.0):
         entry = {"dppl_target_pct": target}
-        for fam in (None, "affine", "lattice", "lloyd", "auto"):
+        for fam in (None, *FAMILIES):
             ok = [r for r in rows if r["codec"] != "auto" and r["dppl_pct"] <= target
                   and (fam is None or r["family"] == fam)]
             best = max(ok, key=lambda r: r[key]) if ok else None
@@ -32,9 +34,11 @@ def iso_table(rows: list[dict], key: str = "x_vs_fp16") -> list[dict]:
 
 
 def family_of(spec: str) -> str:
-    head = spec.split(",")[0]
+    """affine | lloyd | lattice (uniform rates) | auto (E8/D4 allocation) | auto_lloyd
+    (the allocation with Lloyd-Max codes) | full."""
+    head, *opts = spec.split(",")
     if head.startswith("auto:"):
-        return "auto"
+        return "auto_lloyd" if "family=lloyd" in opts else "auto"
     if head.startswith(("e8", "d4")):
         return "lattice"
     if head.startswith("lloyd"):
@@ -44,6 +48,7 @@ def family_of(spec: str) -> str:
 
 def ctx_block(rows: list[dict], windows: int, chunk: int) -> dict:
     """One window length's results: rows, the n and chunk they used, iso-dPPL tables."""
+    rows = [{**r, "family": family_of(r["codec"])} for r in rows]
     return {"rows": rows, "windows": windows, "chunk": chunk, "iso_dppl": iso_table(rows),
             "iso_dppl_at_ctx": iso_table(rows, "x_vs_fp16_at_ctx")}
 
@@ -102,7 +107,7 @@ def _plot(path: Path, name: str, by_ctx: dict) -> None:
     series = {}
     for ctx, d in by_ctx.items():
         for r in d["rows"]:
-            if r["family"] in ("affine", "lattice", "lloyd", "auto"):
+            if r["family"] in FAMILIES:
                 xs, ys = series.setdefault(f"{r['family']} ({ctx})", ([], []))
                 xs.append(r["x_vs_fp16"])
                 ys.append(max(r["dppl_pct"], 1e-2))

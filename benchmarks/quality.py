@@ -179,6 +179,17 @@ def chunk_check(model, windows, spec: str, chunk: int, score_mib: float = 256.0)
             "kl_token_by_token": mx.mean(a[1]).item(), "kl_chunked": mx.mean(b[1]).item()}
 
 
+def window_spread(nll, ref_nll) -> dict:
+    """Per-window dPPL (%) and the standard error of the mean log-PPL ratio across windows
+    (in %, ~ the dPPL's; 0 for one window): how far n windows pin the dPPL down."""
+    diff = (mx.mean(nll, axis=1) - mx.mean(ref_nll, axis=1)).tolist()  # [N] nats
+    num = len(diff)
+    mean = sum(diff) / num
+    var = sum((d - mean) ** 2 for d in diff) / (num - 1) if num > 1 else 0.0
+    return {"dppl_pct_by_window": [100 * math.expm1(d) for d in diff],
+            "dppl_se_pct": 100 * math.sqrt(var / num)}
+
+
 def evaluate(model, name, specs, windows, packed, chunk, on_row=None,
              score_mib: float = 256.0) -> list[dict]:
     geo = geometry(model)
@@ -203,9 +214,11 @@ def evaluate(model, name, specs, windows, packed, chunk, on_row=None,
                      "seconds": round(time.time() - t0, 1)})
         r = rows[-1]
         r["dppl_pct"] = 100 * (r["ppl"] / math.exp(mx.mean(ref_nll).item()) - 1)
+        r |= window_spread(nll, ref_nll)
         print(f"ctx {ctx} {spec:>16}: {r['bytes_per_token']:6d} B/token ({r['x_vs_fp16']:4.2f}x,"
               f" {r['x_vs_fp16_at_ctx']:4.2f}x at ctx)  PPL {ppl:8.3f}  dPPL "
-              f"{r['dppl_pct']:+6.2f}%  KL {r['kl']:.5f}  [{r['seconds']}s]", flush=True)
+              f"{r['dppl_pct']:+6.2f}% (se {r['dppl_se_pct']:.2f})  KL {r['kl']:.5f}  "
+              f"[{r['seconds']}s]", flush=True)
         if on_row is not None:  # partial results survive an interrupted run
             on_row(rows)
     return rows
