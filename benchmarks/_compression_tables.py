@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-FAMILIES = (("affine", "affine int (mlx-lm)"), ("lloyd", "rotation + Lloyd-Max (TurboQuant-style)"),
-            ("lattice", "E8/D4 lattice"), ("auto", "E8 per-layer allocation (auto:Rx)"))
+FAMILIES = (("affine", "affine int (mlx-lm)"),
+            ("lloyd", "rotation + Lloyd-Max (TurboQuant-style)"),
+            ("auto_lloyd", "Lloyd-Max, per-layer allocation"),
+            ("lattice", "E8/D4 lattice"), ("auto", "E8, per-layer allocation (auto:Rx)"))
+LATTICE, TURBO = ("lattice", "auto"), ("lloyd", "auto_lloyd")
 
 
 def _src(d: dict, cmd: str, name: str) -> str:
@@ -18,34 +21,63 @@ def table_quality(d: dict, name: str) -> list[str]:
             {**r, "x_vs_fp16_at_ctx": r["x_vs_fp16"]} for r in d["rows"]]}},
              "settings": {**d["settings"], "ctx": [d["settings"]["ctx"]]}}
     s = d["settings"]
-    cmd = f"quality.py --model {d['model']} --ctx {' '.join(map(str, s['ctx']))} " \
-          f"--windows {s['windows']}"
-    out = [_src(d, cmd, name), ""]
+    cmds = d.get("commands") or [s.get("command") or
+                                 f"--model {d['model']} --ctx {' '.join(map(str, s['ctx']))} "
+                                 f"--windows {s['windows']}"]
+    out = [_src(d, f"quality.py {cmds[0]}", name), ""]
+    if len(cmds) > 1:
+        out += ["merged (`--merge`) with " + "; ".join(f"`{c}`" for c in cmds[1:])
+                + f" (git {', '.join(d.get('git_revisions', []))})", ""]
     for ctx, block in d["by_ctx"].items():
-        out += [f"Windows of {ctx} tokens, n = {s['windows']}:", "",
-                "| codec | KV bytes/token | vs fp16 | vs fp16, whole model at this window |"
-                " PPL | dPPL | KL |", "|---|---:|---:|---:|---:|---:|---:|"]
-        for r in sorted(block["rows"], key=lambda r: -r["bytes_per_token"]):
+        n = block.get("windows", s["windows"])
+        out += [f"Windows of {ctx} tokens, n = {n} (chunk {block.get('chunk', s.get('chunk'))}):",
+                "", "| codec | KV bytes/token | vs fp16 | vs fp16, whole model at this window |"
+                " PPL | dPPL | +- s.e. | KL | s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted(block["rows"], key=lambda r: (-r["bytes_per_token"], r["codec"])):
+            se = f"{r['dppl_se_pct']:.2f}" if "dppl_se_pct" in r else "-"
             out.append(f"| `{r['codec']}` | {r['bytes_per_token']} | {r['x_vs_fp16']:.2f}x | "
                        f"{r['x_vs_fp16_at_ctx']:.2f}x | {r['ppl']:.3f} | "
-                       f"{r['dppl_pct']:+.2f}% | {r['kl']:.4f} |")
+                       f"{r['dppl_pct']:+.2f}% | {se} | {r['kl']:.4f} | {r.get('seconds', 0):.0f} |")
         out.append("")
     return out
 
 
-def table_iso(named: dict[str, dict]) -> list[str]:
-    """Iso-dPPL: per model and threshold, the cheapest codec overall and per family."""
-    head = "| model | dPPL <= | best | " + " | ".join(label for _, label in FAMILIES) + " |"
-    out = [head, "|---|---:|---|" + "---|" * len(FAMILIES)]
-    for model, d in named.items():
-        for t in d["iso_dppl"]:
-            cells = []
-            for fam, _ in FAMILIES:
-                c = t.get(f"{fam}_codec")
-                cells.append(f"`{c}` {t[f'{fam}_x_vs_fp16']:.2f}x" if c else "none")
-            best = (f"`{t['codec']}` **{t['x_vs_fp16']:.2f}x**" if t["codec"] else "none")
-            out.append(f"| {model} | {t['dppl_target_pct']}% | {best} | " + " | ".join(cells)
-                       + " |")
+def _verdict(t: dict) -> str:
+    """Lattice family (E8 uniform or allocated) vs TurboQuant-style (Lloyd-Max uniform or
+    allocated) vs affine int at one threshold: the most compression each reaches."""
+    def best(fams):
+        return max((t[f"{f}_x_vs_fp16"] or 0.0) for f in fams)
+
+    lat, tq, aff = best(LATTICE), best(TURBO), best(("affine",))
+    if not lat and not tq:
+        return "none within"
+    order = sorted([("lattice", lat), ("TurboQuant-style", tq), ("affine", aff)],
+                   key=lambda p: -p[1])
+    parts = [f"{n} {x:.2f}x" if x else f"{n} none" for n, x in order]
+    return " > ".join(parts) if order[0][1] != order[1][1] else " = ".join(parts[:2]) + \
+        " > " + parts[2]
+
+
+def table_iso(named: dict[str, dict], ctxs: tuple[str, ...] = ("2048",)) -> list[str]:
+    """Iso-dPPL: per model, window length and threshold, the cheapest codec overall and per
+    family, and which family reaches the most compression (bytes per token vs fp16)."""
+    head = ("| model | window, n | dPPL <= | best | " + " | ".join(label for _, label in FAMILIES)
+            + " | most compression |")
+    out = [head, "|---|---|---:|---|" + "---|" * len(FAMILIES) + "---|"]
+    for ctx in ctxs:
+        for model, d in named.items():
+            block = d["by_ctx"].get(ctx)
+            if block is None:
+                continue
+            n = block.get("windows", d["settings"].get("windows"))
+            for t in block["iso_dppl"]:
+                cells = []
+                for fam, _ in FAMILIES:
+                    c = t.get(f"{fam}_codec")
+                    cells.append(f"`{c}` {t[f'{fam}_x_vs_fp16']:.2f}x" if c else "none")
+                best = f"`{t['codec']}` **{t['x_vs_fp16']:.2f}x**" if t["codec"] else "none"
+                out.append(f"| {model} | {int(ctx) // 1024}k, {n} | {t['dppl_target_pct']}% | "
+                           f"{best} | " + " | ".join(cells) + f" | {_verdict(t)} |")
     return out
 
 

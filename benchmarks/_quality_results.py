@@ -79,6 +79,8 @@ def merge(paths: list[str], name: str, out: str, tag: str) -> dict:
     keep["settings"] = {**keep["settings"], "ctx": [int(c) for c in by_ctx],
                         "windows": {c: b["windows"] for c, b in by_ctx.items()}}
     keep["merged_from"] = [Path(p).name for p in paths]
+    keep["commands"] = [c for run in runs for c in run.get("commands")
+                        or [run["settings"].get("command", "?")]]
     keep["git_revisions"] = sorted({run["git_revision"] for run in runs})
     check = next((run["chunk_check"] for run in reversed(runs)
                   if run.get("chunk_check")), None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -273,7 +274,8 @@ def main(argv=None) -> dict:
     else:
         loaded, name = load_model_for(args)
     model = loaded[0] if isinstance(loaded, tuple) else loaded.model
-    settings = {"ctx": ctxs, "windows": num, "protocol": "prefill first half in one chunk, "
+    settings = {"command": " ".join(argv if argv is not None else sys.argv[1:]),
+                "ctx": ctxs, "windows": num, "protocol": "prefill first half in one chunk, "
                 f"then the second half teacher-forced through the compressed paged cache, "
                 f"{args.chunk} token(s) per forward", "chunk": args.chunk,
                 "corpus": "Mansfield Park", "offset_chars": args.offset_chars,
