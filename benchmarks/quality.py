@@ -2,15 +2,20 @@
 
 For each codec spec and window length, N windows of the Jane Austen corpus go through
 mlxkv's paged data plane: the first half of each window is prefilled in one chunk, the
-second half is decoded token by token (all windows batched), so every scored token reads
-K/V that went through the codec, including K/V written during decode. Scored: the decode
+second half is teacher-forced through the paged cache `--chunk` tokens per forward (all
+windows batched; `--chunk 1` is token by token), so every scored token reads K/V that
+went through the codec, including K/V written after the prefill. Scored: the second
 half's next-token NLL; KL(uncompressed || compressed) over the same positions, on the
-reference's top-64 tokens plus the tail mass (mlxkv.kv_profile.TopKReference).
+reference's top-64 tokens plus the tail mass (mlxkv.kv_profile.TopKReference); the
+standard error of the dPPL over windows. The LM head runs on slices of at most
+`--score-mib` of logits, so memory does not grow with windows x chunk x vocab.
 
 By default the pools hold each codec's round trip (mlxkv.codec.roundtrip: the values any
 decode of the packed layout yields, tests/codec/test_roundtrip.py), so the compiled CPU
 decode attention reads them; `--packed` stores the packed layout and decodes on every
 read (same logits, far slower). Bytes are the packed codec's, metadata included.
+`chunk_check` (`--check-*`) runs one codec both token by token and chunked on the same
+windows and records both dPPLs; `--merge` combines partial runs (`--tag`).
 
     python benchmarks/quality.py --model smollm2-135m-instruct --ctx 1024 2048
     python benchmarks/quality.py --quick          # tiny random model, random tokens
