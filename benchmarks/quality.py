@@ -196,12 +196,42 @@ def window_spread(nll, ref_nll) -> dict:
             "dppl_se_pct": 100 * math.sqrt(var / num)}
 
 
+def reference(model, name, windows, packed, chunk, score_mib, cache_dir=None):
+    """The uncompressed run: nll [N, T], the per-chunk TopKReference list and its seconds.
+
+    With `cache_dir`, loaded from / saved to a file keyed by the model, the windows' token
+    ids, the chunking and the storage, so runs split over several invocations (`--tag`,
+    then `--merge`) compute it once.
+    """
+    import hashlib
+    import json
+
+    key = hashlib.sha1(json.dumps([name, windows, chunk, packed]).encode()).hexdigest()[:16]
+    path = Path(cache_dir or ".") / f"ref_{key}.safetensors"
+    if cache_dir and path.is_file():
+        arrays = mx.load(str(path))
+        refs = [TopKReference(arrays[f"ids{i}"], arrays[f"logp{i}"], arrays[f"tail{i}"])
+                for i in range(len(arrays) // 3)]
+        return arrays["nll"], refs, 0.0
+    t0 = time.time()
+    ref_nll, _, _, refs = run_codec(model, None, windows, packed=packed, chunk=chunk,
+                                    score_mib=score_mib)
+    seconds = round(time.time() - t0, 1)
+    if cache_dir:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"nll": ref_nll}
+        for i, r in enumerate(refs):
+            arrays |= {f"ids{i}": r.ids, f"logp{i}": r.logp, f"tail{i}": r.tail}
+        mx.save_safetensors(str(path), arrays)
+    return ref_nll, refs, seconds
+
+
 def evaluate(model, name, specs, windows, packed, chunk, on_row=None,
-             score_mib: float = 256.0) -> list[dict]:
+             score_mib: float = 256.0, ref_cache: str | None = None) -> list[dict]:
     geo = geometry(model)
     ctx = len(windows[0])
-    ref_nll, _, store, ref = run_codec(model, None, windows, packed=packed, chunk=chunk,
-                                       score_mib=score_mib)
+    ref_nll, ref, ref_seconds = reference(model, name, windows, packed, chunk, score_mib,
+                                          ref_cache)
     rows = []
     for spec in specs:
         t0 = time.time()
@@ -209,15 +239,15 @@ def evaluate(model, name, specs, windows, packed, chunk, on_row=None,
         if spec == "auto":
             nll, kl = ref_nll, mx.zeros(ref_nll.shape)
         else:
-            nll, kl, store, _ = run_codec(model, codecs, windows, ref, packed=packed,
-                                          chunk=chunk, score_mib=score_mib)
-        b = split_bytes(geo, codecs, store.dtype)
+            nll, kl, _, _ = run_codec(model, codecs, windows, ref, packed=packed, chunk=chunk,
+                                      score_mib=score_mib)
+        b = split_bytes(geo, codecs, mx.float32)  # the stores' dtype (run_codec)
         ppl = math.exp(mx.mean(nll).item())
         rows.append({"codec": spec, "family": family_of(spec), **b,
                      "x_vs_fp16": b["fp16_bytes_per_token"] / b["bytes_per_token"],
-                     "x_vs_fp16_at_ctx": projection(geo, codecs, store.dtype, [ctx])[0]["x_vs_fp16"],
+                     "x_vs_fp16_at_ctx": projection(geo, codecs, mx.float32, [ctx])[0]["x_vs_fp16"],
                      "nll": mx.mean(nll).item(), "ppl": ppl, "kl": mx.mean(kl).item(),
-                     "seconds": round(time.time() - t0, 1)})
+                     "seconds": ref_seconds if spec == "auto" else round(time.time() - t0, 1)})
         r = rows[-1]
         r["dppl_pct"] = 100 * (r["ppl"] / math.exp(mx.mean(ref_nll).item()) - 1)
         r |= window_spread(nll, ref_nll)
@@ -255,6 +285,8 @@ def main(argv=None) -> dict:
                    help="chunk of that check (default: --chunk, at most a quarter window)")
     p.add_argument("--score-mib", type=float, default=256.0,
                    help="largest fp32 logits slice scored at once (bounds peak memory)")
+    p.add_argument("--ref-cache", default=None, metavar="DIR",
+                   help="keep the uncompressed run's scores here, shared by later runs")
     p.add_argument("--tag", default="")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="only merge result files of the same model and windows (the first "
@@ -315,7 +347,7 @@ def main(argv=None) -> dict:
                    _tag(name, args))
 
         rows = evaluate(model, name, codecs, windows, args.packed, args.chunk, save,
-                        args.score_mib)
+                        args.score_mib, args.ref_cache)
         by_ctx[str(ctx)] = ctx_block(rows, num, args.chunk)
     return finish(h, name, len(model.layers), geometry(model), check, by_ctx, args.out,
                   _tag(name, args))
