@@ -230,11 +230,14 @@ def evaluate(model, name, specs, windows, packed, chunk, on_row=None,
              score_mib: float = 256.0, ref_cache: str | None = None) -> list[dict]:
     geo = geometry(model)
     ctx = len(windows[0])
+    mx.reset_peak_memory()
     ref_nll, ref, ref_seconds = reference(model, name, windows, packed, chunk, score_mib,
                                           ref_cache)
     rows = []
     for spec in specs:
         t0 = time.time()
+        if spec != "auto":  # the auto row reports the reference run's peak
+            mx.reset_peak_memory()
         codecs = parse_kv_codec(spec, len(model.layers), model_name=name)
         if spec == "auto":
             nll, kl = ref_nll, mx.zeros(ref_nll.shape)
@@ -247,14 +250,15 @@ def evaluate(model, name, specs, windows, packed, chunk, on_row=None,
                      "x_vs_fp16": b["fp16_bytes_per_token"] / b["bytes_per_token"],
                      "x_vs_fp16_at_ctx": projection(geo, codecs, mx.float32, [ctx])[0]["x_vs_fp16"],
                      "nll": mx.mean(nll).item(), "ppl": ppl, "kl": mx.mean(kl).item(),
-                     "seconds": ref_seconds if spec == "auto" else round(time.time() - t0, 1)})
+                     "seconds": ref_seconds if spec == "auto" else round(time.time() - t0, 1),
+                     "peak_mib": round(mx.get_peak_memory() / 2**20)})
         r = rows[-1]
         r["dppl_pct"] = 100 * (r["ppl"] / math.exp(mx.mean(ref_nll).item()) - 1)
         r |= window_spread(nll, ref_nll)
         print(f"ctx {ctx} {spec:>16}: {r['bytes_per_token']:6d} B/token ({r['x_vs_fp16']:4.2f}x,"
               f" {r['x_vs_fp16_at_ctx']:4.2f}x at ctx)  PPL {ppl:8.3f}  dPPL "
               f"{r['dppl_pct']:+6.2f}% (se {r['dppl_se_pct']:.2f})  KL {r['kl']:.5f}  "
-              f"[{r['seconds']}s]", flush=True)
+              f"[{r['seconds']}s, peak {r['peak_mib']} MiB]", flush=True)
         if on_row is not None:  # partial results survive an interrupted run
             on_row(rows)
     return rows
@@ -285,6 +289,8 @@ def main(argv=None) -> dict:
                    help="chunk of that check (default: --chunk, at most a quarter window)")
     p.add_argument("--score-mib", type=float, default=256.0,
                    help="largest fp32 logits slice scored at once (bounds peak memory)")
+    p.add_argument("--cache-mib", type=float, default=512.0,
+                   help="MLX buffer-cache limit (peak RSS ~ live arrays + this)")
     p.add_argument("--ref-cache", default=None, metavar="DIR",
                    help="keep the uncompressed run's scores here, shared by later runs")
     p.add_argument("--tag", default="")
@@ -293,6 +299,9 @@ def main(argv=None) -> dict:
                    "one's settings win) into --tag's file")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
+    # NOTE: freed buffers beyond this go back to the OS: without a limit MLX's buffer cache
+    # kept Gemma-3's RSS near 8 GiB although the arrays alive at once stay far smaller.
+    mx.set_cache_limit(int(args.cache_mib * 2**20))
     if args.merge:
         import json
 
