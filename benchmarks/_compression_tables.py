@@ -137,3 +137,37 @@ def table_fit_steps(d: dict) -> list[str]:
         out.append(f"| {m} | {e['constant']:.4f} | {e['rel_mse']:.2e} | {d4['constant']:.4f} | "
                    f"{d4['rel_mse']:.2e} | {lm['constant']:.4f} | {lm['rel_mse']:.2e} |")
     return out
+
+
+PAIRS = (("auto:3.0x", "auto:3.0x,family=lloyd"), ("auto:3.5x", "auto:3.5x,family=lloyd"),
+         ("e8:k5v5", "lloyd:k5v5"), ("e8:k6v6", "lloyd:k6v6"))
+
+
+def _paired(a: dict, b: dict) -> tuple[float, float]:
+    """Mean and standard error over windows of the log-PPL difference a - b (in %)."""
+    import math
+
+    diff = [math.log1p(x / 100) - math.log1p(y / 100)
+            for x, y in zip(a["dppl_pct_by_window"], b["dppl_pct_by_window"], strict=True)]
+    mean = sum(diff) / len(diff)
+    var = sum((d - mean) ** 2 for d in diff) / max(len(diff) - 1, 1)
+    return 100 * mean, 100 * math.sqrt(var / len(diff))
+
+
+def table_pairs(named: dict[str, dict]) -> list[str]:
+    """E8 lattice vs rotation + Lloyd-Max at the same bytes (same rates), paired by window."""
+    out = ["| model | window, n | bytes/token | E8 | dPPL | KL | Lloyd-Max | dPPL | KL |"
+           " E8 - Lloyd-Max (paired, +- s.e.) |", "|---|---|---:|---|---:|---:|---|---:|---:|---:|"]
+    for model, d in named.items():
+        for ctx, block in d["by_ctx"].items():
+            rows = {r["codec"]: r for r in block["rows"]}
+            for e8, lm in PAIRS:
+                a, b = rows.get(e8), rows.get(lm)
+                if a is None or b is None or "dppl_pct_by_window" not in a:
+                    continue
+                mean, se = _paired(a, b)
+                out.append(f"| {model} | {int(ctx) // 1024}k, {block.get('windows')} | "
+                           f"{a['bytes_per_token']} | `{e8}` | {a['dppl_pct']:+.2f}% | "
+                           f"{a['kl']:.4f} | `{lm}` | {b['dppl_pct']:+.2f}% | {b['kl']:.4f} | "
+                           f"{mean:+.2f}% +- {se:.2f} |")
+    return out

@@ -255,6 +255,7 @@ def evaluate(model, name, specs, windows, packed, chunk, on_row=None,
         r = rows[-1]
         r["dppl_pct"] = 100 * (r["ppl"] / math.exp(mx.mean(ref_nll).item()) - 1)
         r |= window_spread(nll, ref_nll)
+        r["kl_by_window"] = mx.mean(kl, axis=1).tolist()
         print(f"ctx {ctx} {spec:>16}: {r['bytes_per_token']:6d} B/token ({r['x_vs_fp16']:4.2f}x,"
               f" {r['x_vs_fp16_at_ctx']:4.2f}x at ctx)  PPL {ppl:8.3f}  dPPL "
               f"{r['dppl_pct']:+6.2f}% (se {r['dppl_se_pct']:.2f})  KL {r['kl']:.5f}  "

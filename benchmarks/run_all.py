@@ -21,6 +21,7 @@ from _compression_tables import (
     table_capacity,
     table_fit_steps,
     table_iso,
+    table_pairs,
     table_projection,
     table_quality,
 )
@@ -201,6 +202,7 @@ def render(results: Path) -> None:
             "Gemma-3-270M": _load("quality_gemma3-270m", results)}
     both = {k: v for k, v in both.items() if v is not None and "by_ctx" in v}
     tables["quality_iso"] = ("compression.md", None, lambda _: table_iso(both))
+    tables["quality_pairs"] = ("compression.md", None, lambda _: table_pairs(both))
     tables["quality_iso_1k_4k"] = ("compression.md", None,
                                    lambda _: table_iso(both, ("1024", "4096")))
     tables["quality_projection"] = ("compression.md", None, lambda _: table_projection(
