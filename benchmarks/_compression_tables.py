@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-FAMILIES = (("affine", "affine int (mlx-lm)"), ("lloyd", "rotation + Lloyd-Max (TurboQuant-style)"),
-            ("lattice", "E8/D4 lattice"), ("auto", "E8 per-layer allocation (auto:Rx)"))
+FAMILIES = (("affine", "affine int (mlx-lm)"),
+            ("lloyd", "rotation + Lloyd-Max (TurboQuant-style)"),
+            ("auto_lloyd", "Lloyd-Max, per-layer allocation"),
+            ("lattice", "E8/D4 lattice"), ("auto", "E8, per-layer allocation (auto:Rx)"))
+LATTICE, TURBO = ("lattice", "auto"), ("lloyd", "auto_lloyd")
 
 
 def _src(d: dict, cmd: str, name: str) -> str:
@@ -18,34 +21,63 @@ def table_quality(d: dict, name: str) -> list[str]:
             {**r, "x_vs_fp16_at_ctx": r["x_vs_fp16"]} for r in d["rows"]]}},
              "settings": {**d["settings"], "ctx": [d["settings"]["ctx"]]}}
     s = d["settings"]
-    cmd = f"quality.py --model {d['model']} --ctx {' '.join(map(str, s['ctx']))} " \
-          f"--windows {s['windows']}"
-    out = [_src(d, cmd, name), ""]
+    cmds = d.get("commands") or [s.get("command") or
+                                 f"--model {d['model']} --ctx {' '.join(map(str, s['ctx']))} "
+                                 f"--windows {s['windows']}"]
+    out = [_src(d, f"quality.py {cmds[0]}", name), ""]
+    if len(cmds) > 1:
+        out += ["merged (`--merge`) with " + "; ".join(f"`{c}`" for c in cmds[1:])
+                + f" (git {', '.join(d.get('git_revisions', []))})", ""]
     for ctx, block in d["by_ctx"].items():
-        out += [f"Windows of {ctx} tokens, n = {s['windows']}:", "",
-                "| codec | KV bytes/token | vs fp16 | vs fp16, whole model at this window |"
-                " PPL | dPPL | KL |", "|---|---:|---:|---:|---:|---:|---:|"]
-        for r in sorted(block["rows"], key=lambda r: -r["bytes_per_token"]):
+        n = block.get("windows", s["windows"])
+        out += [f"Windows of {ctx} tokens, n = {n} (chunk {block.get('chunk', s.get('chunk'))}):",
+                "", "| codec | KV bytes/token | vs fp16 | vs fp16, whole model at this window |"
+                " PPL | dPPL | +- s.e. | KL | s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted(block["rows"], key=lambda r: (-r["bytes_per_token"], r["codec"])):
+            se = f"{r['dppl_se_pct']:.2f}" if "dppl_se_pct" in r else "-"
             out.append(f"| `{r['codec']}` | {r['bytes_per_token']} | {r['x_vs_fp16']:.2f}x | "
                        f"{r['x_vs_fp16_at_ctx']:.2f}x | {r['ppl']:.3f} | "
-                       f"{r['dppl_pct']:+.2f}% | {r['kl']:.4f} |")
+                       f"{r['dppl_pct']:+.2f}% | {se} | {r['kl']:.4f} | {r.get('seconds', 0):.0f} |")
         out.append("")
     return out
 
 
-def table_iso(named: dict[str, dict]) -> list[str]:
-    """Iso-dPPL: per model and threshold, the cheapest codec overall and per family."""
-    head = "| model | dPPL <= | best | " + " | ".join(label for _, label in FAMILIES) + " |"
-    out = [head, "|---|---:|---|" + "---|" * len(FAMILIES)]
-    for model, d in named.items():
-        for t in d["iso_dppl"]:
-            cells = []
-            for fam, _ in FAMILIES:
-                c = t.get(f"{fam}_codec")
-                cells.append(f"`{c}` {t[f'{fam}_x_vs_fp16']:.2f}x" if c else "none")
-            best = (f"`{t['codec']}` **{t['x_vs_fp16']:.2f}x**" if t["codec"] else "none")
-            out.append(f"| {model} | {t['dppl_target_pct']}% | {best} | " + " | ".join(cells)
-                       + " |")
+def _verdict(t: dict) -> str:
+    """Lattice family (E8 uniform or allocated) vs TurboQuant-style (Lloyd-Max uniform or
+    allocated) vs affine int at one threshold: the most compression each reaches."""
+    def best(fams):
+        return max((t[f"{f}_x_vs_fp16"] or 0.0) for f in fams)
+
+    lat, tq, aff = best(LATTICE), best(TURBO), best(("affine",))
+    if not lat and not tq:
+        return "none within"
+    order = sorted([("lattice", lat), ("TurboQuant-style", tq), ("affine", aff)],
+                   key=lambda p: -p[1])
+    parts = [f"{n} {x:.2f}x" if x else f"{n} none" for n, x in order]
+    return " > ".join(parts) if order[0][1] != order[1][1] else " = ".join(parts[:2]) + \
+        " > " + parts[2]
+
+
+def table_iso(named: dict[str, dict], ctxs: tuple[str, ...] = ("2048",)) -> list[str]:
+    """Iso-dPPL: per model, window length and threshold, the cheapest codec overall and per
+    family, and which family reaches the most compression (bytes per token vs fp16)."""
+    head = ("| model | window, n | dPPL <= | best | " + " | ".join(label for _, label in FAMILIES)
+            + " | most compression |")
+    out = [head, "|---|---|---:|---|" + "---|" * len(FAMILIES) + "---|"]
+    for ctx in ctxs:
+        for model, d in named.items():
+            block = d["by_ctx"].get(ctx)
+            if block is None:
+                continue
+            n = block.get("windows", d["settings"].get("windows"))
+            for t in block["iso_dppl"]:
+                cells = []
+                for fam, _ in FAMILIES:
+                    c = t.get(f"{fam}_codec")
+                    cells.append(f"`{c}` {t[f'{fam}_x_vs_fp16']:.2f}x" if c else "none")
+                best = f"`{t['codec']}` **{t['x_vs_fp16']:.2f}x**" if t["codec"] else "none"
+                out.append(f"| {model} | {int(ctx) // 1024}k, {n} | {t['dppl_target_pct']}% | "
+                           f"{best} | " + " | ".join(cells) + f" | {_verdict(t)} |")
     return out
 
 
@@ -104,4 +136,38 @@ def table_fit_steps(d: dict) -> list[str]:
         e, d4, lm = by[("e8", m)], by[("d4", m)], by[("lloyd", m)]
         out.append(f"| {m} | {e['constant']:.4f} | {e['rel_mse']:.2e} | {d4['constant']:.4f} | "
                    f"{d4['rel_mse']:.2e} | {lm['constant']:.4f} | {lm['rel_mse']:.2e} |")
+    return out
+
+
+PAIRS = (("auto:3.0x", "auto:3.0x,family=lloyd"), ("auto:3.5x", "auto:3.5x,family=lloyd"),
+         ("e8:k5v5", "lloyd:k5v5"), ("e8:k6v6", "lloyd:k6v6"))
+
+
+def _paired(a: dict, b: dict) -> tuple[float, float]:
+    """Mean and standard error over windows of the log-PPL difference a - b (in %)."""
+    import math
+
+    diff = [math.log1p(x / 100) - math.log1p(y / 100)
+            for x, y in zip(a["dppl_pct_by_window"], b["dppl_pct_by_window"], strict=True)]
+    mean = sum(diff) / len(diff)
+    var = sum((d - mean) ** 2 for d in diff) / max(len(diff) - 1, 1)
+    return 100 * mean, 100 * math.sqrt(var / len(diff))
+
+
+def table_pairs(named: dict[str, dict]) -> list[str]:
+    """E8 lattice vs rotation + Lloyd-Max at the same bytes (same rates), paired by window."""
+    out = ["| model | window, n | bytes/token | E8 | dPPL | KL | Lloyd-Max | dPPL | KL |"
+           " E8 - Lloyd-Max (paired, +- s.e.) |", "|---|---|---:|---|---:|---:|---|---:|---:|---:|"]
+    for model, d in named.items():
+        for ctx, block in d["by_ctx"].items():
+            rows = {r["codec"]: r for r in block["rows"]}
+            for e8, lm in PAIRS:
+                a, b = rows.get(e8), rows.get(lm)
+                if a is None or b is None or "dppl_pct_by_window" not in a:
+                    continue
+                mean, se = _paired(a, b)
+                out.append(f"| {model} | {int(ctx) // 1024}k, {block.get('windows')} | "
+                           f"{a['bytes_per_token']} | `{e8}` | {a['dppl_pct']:+.2f}% | "
+                           f"{a['kl']:.4f} | `{lm}` | {b['dppl_pct']:+.2f}% | {b['kl']:.4f} | "
+                           f"{mean:+.2f}% +- {se:.2f} |")
     return out

@@ -21,6 +21,7 @@ from _compression_tables import (
     table_capacity,
     table_fit_steps,
     table_iso,
+    table_pairs,
     table_projection,
     table_quality,
 )
@@ -206,9 +207,11 @@ def table_linear(d):
 
 
 def _projection_codecs(d: dict) -> list[str]:
-    """int8 and the cheapest codec within 1% and 2% dPPL."""
+    """int8, the cheapest codec within 1% and 2% dPPL, the auto points (with their
+    long-context variants, `ctx=`)."""
     picks = ["int8"] + [t["codec"] for t in d["iso_dppl"] if t["dppl_target_pct"] >= 1.0]
-    return list(dict.fromkeys(c for c in picks if c))
+    picks += [c for c in d["projection"] if c.startswith("auto:") and "family" not in c]
+    return list(dict.fromkeys(c for c in picks if c and c in d["projection"]))
 
 
 def table_speculative(d):
@@ -266,6 +269,9 @@ def render(results: Path) -> None:
             "Gemma-3-270M": _load("quality_gemma3-270m", results)}
     both = {k: v for k, v in both.items() if v is not None and "by_ctx" in v}
     tables["quality_iso"] = ("compression.md", None, lambda _: table_iso(both))
+    tables["quality_pairs"] = ("compression.md", None, lambda _: table_pairs(both))
+    tables["quality_iso_1k_4k"] = ("compression.md", None,
+                                   lambda _: table_iso(both, ("1024", "4096")))
     tables["quality_projection"] = ("compression.md", None, lambda _: table_projection(
         both, {m: _projection_codecs(d) for m, d in both.items()}))
     tables["capacity"] = ("compression.md", "capacity", table_capacity)

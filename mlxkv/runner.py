@@ -33,6 +33,16 @@ class ModelRunner:
         return adapter.paged_forward(self.net, self.store, batch, self.windows,
                                      self.decode_op)
 
+    def forward_hidden(self, batch: BatchInputs) -> mx.array:
+        """Final hidden states [num_sampling_seqs, hidden_size] (lazy): `forward` without the
+        LM head, for callers that score many rows in slices (`logits_of`)."""
+        return adapter.paged_hidden(self.model, self.store, batch, self.windows,
+                                    self.decode_op)
+
+    def logits_of(self, hidden: mx.array) -> mx.array:
+        """fp32 logits [rows, vocab] of final hidden states [rows, hidden_size] (lazy)."""
+        return adapter.logits_of(self.model, hidden)
+
     def copy_blocks(self, cow_copies: list[list[tuple[int, int]]]) -> None:
         """Apply an allocation's per-group COW copies before the step's writes."""
         for group_id, pairs in enumerate(cow_copies):

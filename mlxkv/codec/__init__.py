@@ -12,6 +12,8 @@ Grammar (`,`-separated; the head first, then options):
              | l<a>[-<b>]=<head>     layers a..b (inclusive) use <head> instead (no options)
              | profile=PATH          the profile file for auto:<R>x
              | family=F              auto:<R>x's codec family (default: the profile's)
+             | ctx=N                 auto:<R>x budgets one N-token sequence (sliding-window
+                                     layers weighted by the tokens they hold), not a token
 
 Examples: `e8:k6v5`, `int6`, `e8:k5v5,boundary=1,l0=int8`, `auto:3.0x`.
 """
@@ -86,7 +88,7 @@ def _parse_options(opts: list[str]) -> tuple[dict, list[tuple[range, str]]]:
             lo = int(layers.group(1))
             hi = int(layers.group(2)) if layers.group(2) else lo
             overrides.append((range(lo, hi + 1), value))
-        elif key in ("boundary", "seed") and value.isdigit():
+        elif key in ("boundary", "seed", "ctx") and value.isdigit():
             options[key] = int(value)
         elif key == "profile" and value:
             options[key] = value
@@ -94,7 +96,7 @@ def _parse_options(opts: list[str]) -> tuple[dict, list[tuple[range, str]]]:
             options[key] = value
         else:
             raise _bad(f"bad kv codec option {opt!r} (boundary=N, seed=S, l<a>-<b>=<codec>, "
-                       "profile=PATH, family=e8|d4|lloyd)")
+                       "profile=PATH, family=e8|d4|lloyd, ctx=N)")
     return options, overrides
 
 
@@ -113,7 +115,8 @@ def parse_kv_codec(spec: str, num_layers: int,
         from mlxkv.codec.allocate import allocate_from_profile
 
         per_layer = allocate_from_profile(float(auto.group(1)), num_layers, model_name,
-                                          options.get("profile"), options.get("family"))
+                                          options.get("profile"), options.get("family"),
+                                          options.get("ctx") or None)
         overrides = [(range(i, i + 1), h) for i, h in enumerate(per_layer)] + overrides
         default = None
     else:

@@ -63,20 +63,36 @@ def tensor_bytes(head_dim: int, num_kv_heads: int, rate: int) -> int:
     return num_kv_heads * (head_dim // 8 * rate + 2)
 
 
-def allocate(profile: dict, ratio: float, min_rate: int = MIN_RATE) -> list[tuple[int, int]]:
+def held_share(layers: list[dict], ctx: int | None) -> list[float]:
+    """Per layer, the share of a `ctx`-token sequence's tokens it holds: 1 for full
+    attention, min(ctx, window) / ctx for a sliding-window layer; all 1 when `ctx` is None
+    (bytes per token, every layer alike)."""
+    if ctx is None:
+        return [1.0] * len(layers)
+    return [1.0 if g.get("sliding_window") is None else min(ctx, g["sliding_window"]) / ctx
+            for g in layers]
+
+
+def allocate(profile: dict, ratio: float, min_rate: int = MIN_RATE,
+             ctx: int | None = None) -> list[tuple[int, int]]:
     """Per layer (k_rate, v_rate) meeting fp16 bytes / ratio at the least predicted KL.
 
-    Raises InvalidRequestError when even `min_rate` everywhere misses the budget.
+    With `ctx`, bytes are those of one `ctx`-token sequence (each layer weighted by the
+    tokens it holds, `held_share`: a sliding layer's bits cost little at long context);
+    without, bytes per token with every layer alike. Raises InvalidRequestError when even
+    `min_rate` everywhere misses the budget.
     """
     layers = profile["layers"]
-    fp16 = sum(2 * 2 * g["head_dim"] * g["num_kv_heads"] for g in layers)
+    share = held_share(layers, ctx)
+    fp16 = sum(2 * 2 * g["head_dim"] * g["num_kv_heads"] * w for g, w in zip(layers, share,
+                                                                          strict=True))
     budget = fp16 / ratio
     rates = {(i, kv): MAX_RATE for i in range(len(layers)) for kv in ("k", "v")}
     kl = {key: {int(m): v for m, v in profile["kl"][key[1]][key[0]].items()} for key in rates}
 
     def size(key, m):
         g = layers[key[0]]
-        return tensor_bytes(g["head_dim"], g["num_kv_heads"], m)
+        return tensor_bytes(g["head_dim"], g["num_kv_heads"], m) * share[key[0]]
 
     total = sum(size(key, m) for key, m in rates.items())
     while total > budget:
@@ -102,12 +118,14 @@ def predicted_kl(profile: dict, per_layer: list[tuple[int, int]]) -> float:
 
 
 def allocate_from_profile(ratio: float, num_layers: int, model_name: str | None,
-                          path: str | None = None, family: str | None = None) -> list[str]:
+                          path: str | None = None, family: str | None = None,
+                          ctx: int | None = None) -> list[str]:
     """Per layer head specs (e.g. "e8:k6v5") for `auto:<ratio>x`.
 
     `family` overrides the profile's codec family: the rates stay those chosen from the
     profile (every family's error falls by the same ~6 dB per bit, so the ranking of
-    tensors, which is what the allocation uses, carries over).
+    tensors, which is what the allocation uses, carries over). `ctx` budgets the bytes of
+    one `ctx`-token sequence instead of bytes per token (see `allocate`).
     """
     if not math.isfinite(ratio) or ratio < 1.0:
         raise InvalidRequestError(f"auto:{ratio}x: the ratio must be >= 1", param="kv_codec")
@@ -116,4 +134,4 @@ def allocate_from_profile(ratio: float, num_layers: int, model_name: str | None,
         raise InvalidRequestError(f"profile has {len(profile['layers'])} layers, the model "
                                   f"{num_layers}", param="kv_codec")
     family = family or profile.get("family", "e8")
-    return [f"{family}:k{k}v{v}" for k, v in allocate(profile, ratio)]
+    return [f"{family}:k{k}v{v}" for k, v in allocate(profile, ratio, ctx=ctx)]

@@ -171,6 +171,18 @@ def _lm_head(model, hidden: mx.array) -> mx.array:
 def paged_forward(model, store: KVStore, batch: BatchInputs, windows,
                   decode_op: DecodeOp | None = None) -> mx.array:
     """Run the model on the batch over the store -> fp32 logits [S, vocab] (sampled rows)."""
+    return logits_of(model, paged_hidden(model, store, batch, windows, decode_op))
+
+
+def logits_of(model, hidden: mx.array) -> mx.array:
+    """fp32 logits [S, vocab] of final hidden states [S, hidden_size] (lazy)."""
+    return _lm_head(model, hidden).astype(mx.float32)
+
+
+def paged_hidden(model, store: KVStore, batch: BatchInputs, windows,
+                 decode_op: DecodeOp | None = None) -> mx.array:
+    """Final hidden states [S, hidden_size] of the batch's sampled rows (lazy): callers that
+    score many rows apply `logits_of` to slices, bounding the [rows, vocab] memory."""
     repeats = None
     if model_type(model) in SELF_ATTENTION:
         attn = model.layers[0].self_attn
@@ -178,5 +190,4 @@ def paged_forward(model, store: KVStore, batch: BatchInputs, windows,
     caches = [PagedLayerCache(i, store, batch, w, repeats, decode_op)
               for i, w in enumerate(windows)]
     hidden = model.model(batch.input_ids[:, None], cache=caches)  # [T, 1, hidden]
-    hidden = hidden[batch.logits_indices, 0]
-    return _lm_head(model, hidden).astype(mx.float32)
+    return hidden[batch.logits_indices, 0]
