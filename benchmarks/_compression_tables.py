@@ -46,7 +46,7 @@ def _verdict(t: dict) -> str:
     """Lattice family (E8 uniform or allocated) vs TurboQuant-style (Lloyd-Max uniform or
     allocated) vs affine int at one threshold: the most compression each reaches."""
     def best(fams):
-        return max((t[f"{f}_x_vs_fp16"] or 0.0) for f in fams)
+        return max((t.get(f"{f}_x_vs_fp16") or 0.0) for f in fams)
 
     lat, tq, aff = best(LATTICE), best(TURBO), best(("affine",))
     if not lat and not tq:

@@ -215,9 +215,14 @@ def _projection_codecs(d: dict) -> list[str]:
 
 
 def table_speculative(d):
-    rows = ["| task | concurrent | plain tok/s | speculative tok/s | ratio | acceptance | "
-            "same tokens |", "|---|---:|---:|---:|---:|---:|---|"]
-    rows += [f"| {r['task']} | {r['concurrency']} | {r['plain_tok_s']:.1f} | "
+    def method(r):
+        if r.get("method", "ngram") == "ngram":
+            return "n-gram"
+        return f"draft ({r['draft_layers']} layers)" if r.get("draft_layers") else "draft"
+
+    rows = ["| method | task | concurrent | plain tok/s | speculative tok/s | ratio | acceptance | "
+            "same tokens |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    rows += [f"| {method(r)} | {r['task']} | {r['concurrency']} | {r['plain_tok_s']:.1f} | "
              f"{r['speculative_tok_s']:.1f} | {r['ratio']:.2f} | {r['acceptance']:.2f} | "
              f"{'yes' if r['identical_tokens'] else 'NO'} |" for r in d["rows"]]
     out = [_src(d, "bench_speculative.py", "speculative"), "", *rows]
