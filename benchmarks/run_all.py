@@ -233,7 +233,7 @@ def table_speculative(d):
     return out
 
 
-def table_chat(d):
+def table_chat(d, name="chat"):
     rows = ["| server | concurrent | turns | completion tok/s | TTFT p50 / p90 s | prompt tokens "
             "(cached) | errors |", "|---|---:|---:|---:|---:|---:|---:|"]
     for server, runs in d["results"].items():
@@ -244,7 +244,7 @@ def table_chat(d):
              "|---:|---:|---:|"]
     rows += [f"| {r['concurrency']} | {r['completion_tok_s_ratio']:.2f}x | "
              f"{r['ttft_p90_ratio']:.2f}x |" for r in d["ratios"]]
-    return [_src(d, "bench_chat.py", "chat"), "", *rows]
+    return [_src(d, "bench_chat.py", name), "", *rows]
 
 
 def render(results: Path) -> None:
@@ -257,12 +257,14 @@ def render(results: Path) -> None:
         "floor": ("benchmarks.md", "floor", table_floor),
         "kernels": ("kernels.md", "kernels", table_kernels),
         "linear": ("kernels.md", "linear", table_linear),
-        "linear_floor": ("kernels.md", "linear_engine/floor",
-                         lambda d: table_floor(d, "linear_engine/floor")),
-        "linear_pvd": ("kernels.md", "linear_engine/paged_vs_dense",
-                       lambda d: table_pvd(d, "linear_engine/paged_vs_dense")),
-        "linear_throughput": ("kernels.md", "linear_engine/throughput",
-                              lambda d: table_throughput(d, "linear_engine/throughput")),
+        "linear_floor": ("kernels.md", "floor", table_floor),
+        "linear_pvd": ("kernels.md", "paged_vs_dense", table_pvd),
+        "pvd_repeat": ("benchmarks.md", "paged_vs_dense_repeat",
+                       lambda d: table_pvd(d, "paged_vs_dense_repeat")),
+        "pvd_codecs": ("benchmarks.md", "paged_vs_dense_codecs",
+                       lambda d: table_pvd(d, "paged_vs_dense_codecs")),
+        "linear_throughput": ("kernels.md", "throughput", table_throughput),
+        "chat16": ("benchmarks.md", "chat16", lambda d: table_chat(d, "chat16")),
         "step_profile": ("benchmarks.md", "step_profile", table_step_profile),
         "speculative": ("speculative.md", "speculative", table_speculative),
         "quality_smollm2": ("compression.md", "quality_smollm2-135m-instruct",
