@@ -4,7 +4,8 @@
 // Inputs: q (fp32), then the K components, the V components (1 each for float pools,
 // codes/scales/biases for affine ones), block tables and sequence lengths. The output is
 // fp32 [B, H, D]; the builder casts it back to the query dtype. Work items (sequence, kv
-// head, split) go to std::threads; splits (key ranges merged afterwards) are added when
+// head, split) run on the process-wide worker pool (thread_pool.h: a kernel called once
+// per layer and step cannot start threads per call); splits (key ranges merged afterwards) are added when
 // there are too few (sequence, kv head) pairs to keep every thread busy.
 #include "paged_attention_cpu.h"
 
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "attend.h"
+#include "thread_pool.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
@@ -106,14 +108,7 @@ void run_job(DecodeJob j, int requested_threads, int requested_splits) {
   auto work = [&](int t) {
     attend_items(j, items * t / n, items * (t + 1) / n, isa);
   };
-  std::vector<std::thread> pool;
-  for (int t = 1; t < n; ++t) {
-    pool.emplace_back(work, t);
-  }
-  work(0);
-  for (auto& th : pool) {
-    th.join();
-  }
+  ThreadPool::shared().run(n, work);
   if (j.splits > 1) {
     merge_splits(j, 0, j.B * j.KVH);
   }
@@ -141,14 +136,7 @@ void run_prefill_job(PrefillJob j, int B, int requested_threads) {
                            : std::min(cores, std::max<int64_t>(1, work / kMinWorkPerThread));
   const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, n_items)));
   const int isa = best_isa();
-  std::vector<std::thread> pool;
-  for (int t = 1; t < n; ++t) {
-    pool.emplace_back([&, t] { prefill_items(j, t, n_items, n, isa); });
-  }
-  prefill_items(j, 0, n_items, n, isa);
-  for (auto& th : pool) {
-    th.join();
-  }
+  ThreadPool::shared().run(n, [&](int t) { prefill_items(j, t, n_items, n, isa); });
 }
 
 } // namespace
