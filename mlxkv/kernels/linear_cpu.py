@@ -39,6 +39,10 @@ def _load_ext() -> ModuleType | None:
     (warned once) otherwise."""
     try:
         ext = importlib.import_module("mlxkv._ext")
+    except ImportError as e:  # no extension at all: the attention loader's one warning says so
+        log.debug("mlxkv._ext not importable (%s); linear layers keep MLX's matmul", e)
+        return None
+    try:
         if not hasattr(ext, "small_m_linear"):
             raise RuntimeError("stale build without small_m_linear: rebuild it")
         x = mx.arange(30, dtype=mx.float32).reshape(3, 10) / 7

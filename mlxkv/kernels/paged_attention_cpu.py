@@ -47,8 +47,9 @@ def _load_ext() -> ModuleType | None:
         if not mx.allclose(got, want, atol=1e-5).item():
             raise RuntimeError("smoke test: primitive and reference disagree")
     except Exception as e:  # noqa: BLE001  (any failure means: use the reference)
-        log.warning("mlxkv._ext unavailable (%s: %s); CPU attention uses the reference path "
-                    "(build it with scripts/build_ext.sh)", type(e).__name__, e)
+        log.warning("mlxkv._ext unavailable (%s: %s); CPU attention uses the reference path"
+                    "%s (build it with scripts/build_ext.sh)", type(e).__name__, e,
+                    " and linear layers MLX's matmul" if isinstance(e, ImportError) else "")
         return None
     return ext
 
@@ -197,8 +198,8 @@ def _layer_plan(k_layout: KernelLayout, v_layout: KernelLayout, head_dim: int) -
 
 def cpu_decode(q, store: KVStore, layer_id: int, tables, seq_lens, scale, window):
     """DecodeOp over the primitive; None when the extension or the layer's layouts are not
-    covered (a layout kind or bit rate it does not decode, dtype mismatch), so the
-    reference runs."""
+    covered (a layout kind or bit rate it does not decode), so the reference runs. Float
+    pools may differ from the query dtype (fp16 pools under an fp32 model)."""
     ext = _load_ext()
     if ext is None or q.dtype not in SUPPORTED_DTYPES:
         return None
@@ -208,10 +209,12 @@ def cpu_decode(q, store: KVStore, layer_id: int, tables, seq_lens, scale, window
     k_pool, v_pool = store.k_pool(layer_id), store.v_pool(layer_id)
     if plan == "dense":
         k, v = kl.component(k_pool, "values"), vl.component(v_pool, "values")
-        if k.dtype != q.dtype or v.dtype != q.dtype:
-            return None
-        return ext.paged_decode_attention(q, k, v, tables, seq_lens, scale=scale,
-                                          sliding_window=window or 0)
+        if k.dtype == q.dtype and v.dtype == q.dtype:
+            return ext.paged_decode_attention(q, k, v, tables, seq_lens, scale=scale,
+                                              sliding_window=window or 0)
+        # fp16/bf16 pools under fp32 queries (`--kv-codec fp16` on the CPU): the packed
+        # entry reads each pool in its own dtype
+        return _packed_call(ext, q, kl, k_pool, vl, v_pool, tables, seq_lens, scale, window)
     if plan == "packed":
         return _packed_call(ext, q, kl, k_pool, vl, v_pool, tables, seq_lens, scale, window)
     return None
@@ -227,9 +230,7 @@ def cpu_prefill(q, store: KVStore, layer_id: int, tables, batch, scale, window):
     kl, vl = k_codec.kernel_layout, v_codec.kernel_layout
     plan = _layer_plan(kl, vl, q.shape[-1])
     k_pool, v_pool = store.k_pool(layer_id), store.v_pool(layer_id)
-    if plan is None or (plan == "dense" and (kl.component(k_pool, "values").dtype != q.dtype
-                                             or vl.component(v_pool, "values").dtype
-                                             != q.dtype)):
+    if plan is None:
         return None
     q_start = batch.memo.get("query_start")
     if q_start is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mlx.core as mx
+import pytest
 from engine_helpers import make_llm, mlx_lm_greedy
 from oracles import engine_vs_mlx_lm
 
@@ -9,6 +11,39 @@ from mlxkv.models.tiny import make_tiny_model
 from mlxkv.sampling import SamplingParams
 
 PROMPT = [(7 * i + 3) % 500 + 1 for i in range(37)]
+
+_PRIMITIVES = ("paged_decode_attention", "paged_decode_attention_packed",
+               "paged_prefill_attention_packed")
+
+
+@pytest.fixture
+def primitive_calls(monkeypatch):
+    """Counts calls of the compiled CPU attention (mlxkv._ext) by entry point, so a parity
+    test proves the kernel ran instead of passing on a silent reference fallback."""
+    if mx.metal.is_available():
+        pytest.skip("Metal present: the engine runs the Metal kernels, not the CPU primitive")
+    from mlxkv.kernels.paged_attention_cpu import _load_ext
+
+    ext = _load_ext()
+    assert ext is not None, "the compiled CPU extension must be built (pip install -e .)"
+    calls = dict.fromkeys(_PRIMITIVES, 0)
+
+    def counting(name, fn):
+        def counted(*args, **kw):
+            calls[name] += 1
+            return fn(*args, **kw)
+        return counted
+
+    for name in _PRIMITIVES:
+        monkeypatch.setattr(ext, name, counting(name, getattr(ext, name)))
+    return calls
+
+
+def _assert_kernel_ran(llm, calls, layers: int) -> None:
+    assert llm.engine.cache_stats()["attention"]["backend"] == "cpu-ext"
+    assert calls["paged_prefill_attention_packed"] >= layers  # the prompt's chunks
+    decode = calls["paged_decode_attention"] + calls["paged_decode_attention_packed"]
+    assert decode >= layers  # and decode steps
 
 
 def test_gemma3_tiny_sliding_window_long_context():
@@ -41,12 +76,13 @@ def test_logprobs_match_mlx_lm():
         assert top[0][0] == tok and len(top) == 3
 
 
-def test_smollm2_greedy_matches_mlx_lm_generate(smollm2):
+def test_smollm2_greedy_matches_mlx_lm_generate(smollm2, primitive_calls):
     from mlx_lm import stream_generate
 
     prompt = "The capital of France is"
     llm = make_llm(smollm2)
     got = llm.generate([prompt], SamplingParams(max_tokens=20, temperature=0.0))[0]
+    _assert_kernel_ran(llm, primitive_calls, len(smollm2.model.layers))
     ref = [r.token for r in stream_generate(smollm2.model, smollm2.tokenizer, prompt,
                                             max_tokens=20)]
     assert got["token_ids"] == ref
@@ -68,7 +104,7 @@ def test_smollm2_batch_and_prefix_parity(smollm2):
     assert again["token_ids"] == refs[0] and again["num_cached_tokens"] > 0
 
 
-def test_gemma3_past_sliding_window_matches_mlx_lm(gemma3):
+def test_gemma3_past_sliding_window_matches_mlx_lm(gemma3, primitive_calls):
     tok = gemma3.tokenizer
     text = " ".join(f"word{i % 37} is number {i}." for i in range(140))
     prompt = tok.encode(text)
@@ -76,6 +112,7 @@ def test_gemma3_past_sliding_window_matches_mlx_lm(gemma3):
     llm = make_llm(gemma3, max_batched=256)
     got = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0,
                                                 ignore_eos=True))[0]["token_ids"]
+    _assert_kernel_ran(llm, primitive_calls, len(gemma3.model.layers))
     assert got == mlx_lm_greedy(gemma3.model, prompt, 6)[0]
 
 

@@ -209,3 +209,30 @@ def test_without_the_extension_the_cpu_reports_the_reference(monkeypatch, model)
     monkeypatch.setattr(attention, "is_cpu_kernel_available", lambda: True)
     assert selfcheck.detect_backend("auto").name == "cpu-ext"
     assert selfcheck.detect_backend("reference").name == "reference"
+
+
+def test_a_missing_extension_warns_once_and_both_paths_fall_back(monkeypatch, caplog):
+    """No mlxkv._ext at all (a failed build): one warning line names both fallbacks, the
+    attention and linear loaders answer None, and the CPU backend reports the reference."""
+    import logging
+    import sys
+
+    from mlxkv.kernels import linear_cpu, paged_attention_cpu
+
+    monkeypatch.setitem(sys.modules, "mlxkv._ext", None)  # import now raises ImportError
+    for loader in (paged_attention_cpu._load_ext, linear_cpu._load_ext):
+        loader.cache_clear()
+    try:
+        with caplog.at_level(logging.DEBUG):
+            assert not paged_attention_cpu.is_cpu_kernel_available()
+            assert not linear_cpu.is_linear_kernel_available()
+            assert linear_cpu.linear_primitive() is None
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        text = warnings[0].getMessage()
+        assert "reference path" in text and "linear layers" in text
+        if not mx.metal.is_available():
+            assert selfcheck.detect_backend("auto").name == "reference"
+    finally:
+        for loader in (paged_attention_cpu._load_ext, linear_cpu._load_ext):
+            loader.cache_clear()
