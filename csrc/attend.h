@@ -20,9 +20,9 @@ enum class RowKind : int32_t {
   f16 = 1,    // values, IEEE half
   bf16 = 2,   // values, bfloat16
   affine = 3, // mx.quantize codes (bits 4/8) + fp16 scale and bias per group of 64
-  e8 = 4,     // E8 box codes (m = bits 2..4) x one fp16 scale, rotated domain
-  d4 = 5,     // D4 box codes (m = 2..4) x one fp16 scale, rotated domain
-  lloyd = 6,  // Lloyd-Max level indices (bits 2..4) x one fp16 scale, rotated domain
+  e8 = 4,     // E8 box codes (m = bits 2..8) x one fp16 scale, rotated domain
+  d4 = 5,     // D4 box codes (m = 2..8) x one fp16 scale, rotated domain
+  lloyd = 6,  // Lloyd-Max level indices (bits 2..8) x one fp16 scale, rotated domain
 };
 
 struct PoolView {

@@ -249,7 +249,7 @@ RowKind check_pool(const std::string& kind, int bits, const std::vector<mx::arra
   }
   const RowKind rk = kind == "e8" ? RowKind::e8 : kind == "d4" ? RowKind::d4 : RowKind::lloyd;
   if (kind != "e8" && kind != "d4" && kind != "lloyd") bad("unknown layout kind " + kind);
-  if (bits < 2 || bits > 4 || D % 8) bad(kind + " pools: 2..4 bits, head_dim % 8 == 0");
+  if (bits < 2 || bits > 8 || D % 8) bad(kind + " pools: 2..8 bits, head_dim % 8 == 0");
   need(rk == RowKind::lloyd ? 3 : 2);
   check_component(c[0], c[0], D / 8 * bits, mx::uint8, "codes");
   check_component(c[1], c[0], 1, mx::float16, "scales");

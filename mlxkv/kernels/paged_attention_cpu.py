@@ -89,12 +89,13 @@ def paged_attention_cpu_kernel(*, queries, k_pool, v_pool, block_tables, seq_len
 
 def layout_supported(layout: KernelLayout, head_dim: int) -> bool:
     """True for layouts the primitive decodes in place: identity, affine (group 64, 4 or 8
-    bits), E8/D4 box codes and Lloyd-Max levels at 2..4 bits."""
+    bits), E8/D4 box codes and Lloyd-Max levels at every rate the codecs write (2..8 bits:
+    one little-endian word of `bits` bytes per 8 coordinates, uint64 above 4)."""
     if layout.kind == IDENTITY:
         return True
     if layout.kind == AFFINE:
         return layout.group_size == 64 and layout.bits in (4, 8) and head_dim % 64 == 0
-    return layout.kind in (E8, D4, LLOYD) and layout.bits in (2, 3, 4) and head_dim % 8 == 0
+    return layout.kind in (E8, D4, LLOYD) and 2 <= layout.bits <= 8 and head_dim % 8 == 0
 
 
 def _decodable_layouts(k_codec: KVCodec, v_codec: KVCodec, head_dim: int):
