@@ -17,10 +17,11 @@ from test_engine_kernels import run_steps
 from test_paged_attention_quant import make_quant_case
 
 from mlxkv.attention import _mask, default_decode_op
-from mlxkv.codec import get_codec
+from mlxkv.codec import get_codec, parse_kv_codec
 from mlxkv.codec.base import AFFINE, KernelLayout
 from mlxkv.kernels.paged_attention import paged_attention_ref
 from mlxkv.kernels.paged_attention_cpu import (
+    _layer_plan,
     cpu_decode,
     cpu_prefill,
     is_cpu_kernel_available,
@@ -110,6 +111,20 @@ QUANT_GRID = [
     ("e8m4", "int8", mx.float32, 64, 16, 2, 2, [23, 40], 30, 0),
     ("fp32", "e8m4", mx.float32, 64, 16, 2, 2, [23, 40], None, 0),   # fp K, rotated V
 ]
+# Rates 5..8: one little-endian word of m bytes per 8 coordinates, past 32 bits (uint64).
+WIDE_QUANT_GRID = [
+    ("e8m5", "e8m6", mx.float32, 64, 16, 3, 3, [41, 17, 1], None, 0),
+    ("e8m7", "e8m8", mx.float32, 128, 16, 2, 2, [33, 0, 64], 24, 2),
+    ("e8m6", "e8m5", mx.float16, 64, 32, 3, 3, [70, 9], None, 3),
+    ("d4m5", "d4m6", mx.float32, 64, 16, 2, 4, [45, 2, 19], None, 1),
+    ("d4m7", "d4m8", mx.float32, 256, 16, 1, 8, [50, 17], 40, 0),
+    ("lloydm5", "lloydm6", mx.float32, 64, 16, 3, 3, [47, 3], None, 2),
+    ("lloydm7", "lloydm8", mx.float32, 128, 32, 2, 2, [65, 31], 20, 0),
+    ("lloydm7", "lloydm3", mx.bfloat16, 64, 16, 1, 3, [19, 5], None, 0),  # wide K, narrow V
+    ("e8m6", "lloydm5", mx.float32, 64, 16, 3, 3, [29, 60], None, 0),     # mixed families
+    ("d4m8", "int8", mx.float32, 64, 16, 2, 2, [23, 40], 30, 0),
+]
+QUANT_GRID += WIDE_QUANT_GRID
 QUANT_TOL = {mx.float32: 5e-5, mx.float16: 3e-3, mx.bfloat16: 3e-2}
 
 
@@ -135,6 +150,24 @@ def test_planted_wrong_codes_are_caught():
     assert max_err(paged_attention_quant_cpu_kernel(**wrong_seed), ref) > 1e-2
     as_d4 = {**case, "k_codec": get_codec("d4m4", seed=0)}
     assert max_err(paged_attention_quant_cpu_kernel(**as_d4), ref) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["e8m6", "d4m7", "lloydm8"])
+def test_planted_corrupt_wide_code_is_caught(name):
+    """The comparison can fail at wide rates: one bit flipped in the last byte of a visible
+    K code word (bit 8m - 3, the top bit D4 uses; outside any 32-bit word) moves the
+    kernel's answer, and the reference over the corrupted pool still agrees with it."""
+    case = make_quant_case(name, name, seq_lens=[40, 17], kvh=2, gqa=2, D=64, BS=16)
+    ref = paged_attention_quant_ref(**case)
+    assert max_err(paged_attention_quant_cpu_kernel(**case), ref) < 5e-5
+    codes = case["k_pool"]["codes"]  # [NB, BS, KVH, D/8 * m] uint8
+    m = case["k_codec"].bits
+    block_id = int(case["block_tables"][0, 0])
+    hit = (mx.arange(codes.size).reshape(codes.shape) ==
+           ((block_id * codes.shape[1] + 3) * codes.shape[2]) * codes.shape[3] + m - 1)
+    bad = {**case, "k_pool": {**case["k_pool"], "codes": mx.where(hit, codes ^ 0x20, codes)}}
+    assert max_err(paged_attention_quant_cpu_kernel(**bad), ref) > 1e-3
+    assert max_err(paged_attention_quant_cpu_kernel(**bad), paged_attention_quant_ref(**bad)) < 5e-5
 
 
 def test_quant_kernel_declines_unknown_layouts():
@@ -189,8 +222,9 @@ class Counting:
 # Half-precision pools round every K/V to fp16 / bf16 the same way (one ulp is ~1e-3
 # relative): measured 2e-5 to 7e-4 on the tiny models, against 1e-6 to 6e-6 for fp32 pools;
 # the kernel-level grids compare the same pools at 5e-7.
-ENGINE_TOL = {"fp32": 1e-4, "fp16": 3e-3, "bf16": 3e-3, "int8": 3e-3, "int4": 3e-3, "e8:k4v3": 1e-4, "d4:k4v3": 1e-4,
-              "lloyd:k4v3": 1e-4}
+ENGINE_TOL = {"fp32": 1e-4, "fp16": 3e-3, "bf16": 3e-3, "int8": 3e-3, "int4": 3e-3,
+              "e8:k4v3": 1e-4, "d4:k4v3": 1e-4, "lloyd:k4v3": 1e-4, "e8:k6v5": 1e-4,
+              "lloyd:k7v3": 1e-4, "d4:k8v5": 1e-4}
 
 
 @pytest.mark.parametrize(("arch", "spec"), [("llama", "fp32"), ("gemma3_text", "fp32"),
@@ -198,7 +232,9 @@ ENGINE_TOL = {"fp32": 1e-4, "fp16": 3e-3, "bf16": 3e-3, "int8": 3e-3, "int4": 3e
                                             ("llama", "fp16"), ("gemma3_text", "bf16"),
                                             ("llama", "int8"), ("gemma3_text", "int4"),
                                             ("llama", "e8:k4v3"), ("gemma3_text", "d4:k4v3"),
-                                            ("llama", "lloyd:k4v3")])
+                                            ("llama", "lloyd:k4v3"), ("llama", "e8:k6v5"),
+                                            ("gemma3_text", "lloyd:k7v3"),
+                                            ("llama", "d4:k8v5")])
 def test_engine_decode_through_the_primitive_matches_reference(arch, spec):
     """Greedy decode steps: the primitive on every layer and codec (gemma3: sliding
     windows), against the reference path's logits."""
@@ -211,6 +247,17 @@ def test_engine_decode_through_the_primitive_matches_reference(arch, spec):
     for ref, got in zip(ref_steps, got_steps, strict=True):
         assert float(mx.max(mx.abs(got - ref)) / mx.max(mx.abs(ref))) < ENGINE_TOL[spec]
     assert got_tokens == ref_tokens
+
+
+@pytest.mark.parametrize("family", ["e8", "d4", "lloyd"])
+def test_auto_allocation_runs_every_layer_through_the_primitive(family):
+    """`auto:3.0x` on SmolLM2-135M (30 layers, head_dim 64, packaged profile) picks 3..8
+    bits per tensor; every layer's pair of layouts is one the primitive decodes."""
+    layers = parse_kv_codec(f"auto:3.0x,family={family}", 30, "smollm2-135m-instruct")
+    rates = {c.kernel_layout.bits for pair in layers.values() for c in pair}
+    assert max(rates) > 4  # the allocation does use the wide rates
+    for k_codec, v_codec in layers.values():
+        assert _layer_plan(k_codec.kernel_layout, v_codec.kernel_layout, 64) == "packed"
 
 
 def test_auto_backend_on_cpu_uses_the_primitive():
@@ -261,6 +308,14 @@ PREFILL_GRID = [
     ("e8m4", "e8m3", mx.float32, 64, 32, 2, 3, [70, 3], [25, 1], None),
     ("lloydm3", "d4m4", mx.float32, 128, 16, 2, 1, [48, 20], [16, 5], 17),
 ]
+WIDE_PREFILL_GRID = [
+    ("e8m6", "e8m5", mx.float32, 64, 16, 3, 3, [40, 17, 5], [13, 1, 5], None),
+    ("e8m8", "e8m7", mx.float32, 128, 32, 2, 2, [70, 33], [25, 33], 20),
+    ("d4m6", "d4m8", mx.float32, 64, 16, 2, 4, [45, 9], [12, 9], None),
+    ("lloydm7", "lloydm5", mx.float32, 64, 16, 3, 3, [48, 20], [16, 1], 17),
+    ("lloydm8", "d4m5", mx.float16, 64, 16, 1, 2, [31, 65], [31, 2], None),
+]
+PREFILL_GRID += WIDE_PREFILL_GRID
 
 
 @pytest.mark.parametrize("kc,vc,dtype,D,BS,KVH,G,lens,rows,window", PREFILL_GRID)
@@ -328,6 +383,8 @@ def test_portable_build_matches_the_simd_build():
         "for row in GRID[:4] + GRID[-2:]:\n"
         "    test_kernel_matches_reference(*row)\n"
         "for row in QUANT_GRID[6:10]:\n"
+        "    test_quant_kernel_matches_decode_plus_reference(*row)\n"
+        "for row in WIDE_QUANT_GRID[::3]:\n"
         "    test_quant_kernel_matches_decode_plus_reference(*row)\n"
         "for row in PREFILL_GRID[:2] + PREFILL_GRID[-2:]:\n"
         "    test_prefill_kernel_matches_reference(*row)\n"
