@@ -18,7 +18,7 @@ from test_paged_attention_quant import make_quant_case
 
 from mlxkv.attention import _mask, default_decode_op
 from mlxkv.codec import get_codec, parse_kv_codec
-from mlxkv.codec.base import AFFINE, KernelLayout
+from mlxkv.codec.base import AFFINE, E8, KernelLayout
 from mlxkv.kernels.paged_attention import paged_attention_ref
 from mlxkv.kernels.paged_attention_cpu import (
     _layer_plan,
@@ -258,6 +258,15 @@ def test_auto_allocation_runs_every_layer_through_the_primitive(family):
     assert max(rates) > 4  # the allocation does use the wide rates
     for k_codec, v_codec in layers.values():
         assert _layer_plan(k_codec.kernel_layout, v_codec.kernel_layout, 64) == "packed"
+
+
+def test_rates_past_8_bits_go_to_the_reference():
+    """Rates no codec writes (9 bits: words past 64 bits) and head dims that are not a
+    multiple of 8 are declined, not mis-decoded."""
+    ok = get_codec("e8m8").kernel_layout
+    wide = KernelLayout(E8, 9, {"codes": "codes", "scales": "scale"}, rotation_seed=0)
+    assert _layer_plan(ok, ok, 64) == "packed"
+    assert _layer_plan(wide, ok, 64) is None and _layer_plan(ok, ok, 60) is None
 
 
 def test_auto_backend_on_cpu_uses_the_primitive():
