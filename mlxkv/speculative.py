@@ -22,7 +22,7 @@ best e of them for the e that maximises
 
     (decode rows + g_1 + ... + g_e) / step(decode rows + e)
 
-(fewest rows on a tie). The whole curve is searched, not only the next row's cost: on this
+(fewest rows on a tie), if that beats no drafts by MIN_SPEEDUP. The whole curve is searched, not only the next row's cost: on this
 CPU a step costs little more per row up to the compiled linear's 24 rows and jumps past
 them, so "fill up to 24 rows" can win where "add one more row" would not. High-acceptance
 requests get depth, the others none; a batch whose rows already cost their compute does
@@ -49,6 +49,10 @@ from typing import TYPE_CHECKING, Protocol
 from mlxkv.config import SpeculativeConfig
 
 MIN_GAIN = 0.1  # a draft position accepted with a lower probability is not worth its row
+# Drafts must promise this much more tokens per time than none: the curve is a median of a
+# noisy machine, and a drafting step adds host work (lookup, verification, trim) that
+# cannot overlap the previous step's evaluation.
+MIN_SPEEDUP = 1.1
 
 if TYPE_CHECKING:
     from mlxkv.request import Request
@@ -95,17 +99,19 @@ def step_time(curve: Sequence[tuple[int, float]], rows: float) -> float:
 
 
 def best_num_drafts(gains: Sequence[float], num_rows: int,
-                    step: Callable[[float], float]) -> int:
+                    step: Callable[[float], float], margin: float = MIN_SPEEDUP) -> int:
     """How many of `gains` (expected tokens per draft row, best first) a step of `num_rows`
     decode rows should verify: the e maximising (num_rows + sum(gains[:e])) / step(num_rows
-    + e), the smallest such e on a tie (0 when no draft raises tokens per time)."""
-    best, best_rate, tokens = 0, num_rows / step(num_rows), float(num_rows)
+    + e), the smallest such e on a tie; 0 unless that beats no drafts by the factor
+    `margin`."""
+    plain = num_rows / step(num_rows)
+    best, best_rate, tokens = 0, plain, float(num_rows)
     for num, gain in enumerate(gains, 1):
         tokens += gain
         rate = tokens / step(num_rows + num)
         if rate > best_rate:
             best, best_rate = num, rate
-    return best
+    return best if best_rate >= margin * plain else 0
 
 
 def ngram_propose(token_ids: Sequence[int], max_drafts: int, min_n: int = 1,
