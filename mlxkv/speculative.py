@@ -26,9 +26,10 @@ best e of them for the e that maximises
 CPU a step costs little more per row up to the compiled linear's 24 rows and jumps past
 them, so "fill up to 24 rows" can win where "add one more row" would not. High-acceptance
 requests get depth, the others none; a batch whose rows already cost their compute does
-not speculate. A request none of whose drafts was ever verified gets one draft anyway (a
-probe): otherwise a batch where the prior does not pay would never learn that its
-requests' drafts are accepted.
+not speculate. With prompt lookup a request that does not draft still scores the first
+draft it would have had against the token that comes (`observe`): the lookup ran anyway,
+and without it a request whose early drafts failed would never draft again, however
+well the drafter later guesses.
 
 A draft model is not free: drafting d deep runs d draft steps (one flat batch each, shared
 by every drafting request), each costing draft_cost * step(decode rows). The rows are sized
@@ -68,6 +69,7 @@ class SpecState:
     index: NgramIndex | None = None  # the default drafter's n-gram index (built lazily)
     decayed_accepted: float = 0.0  # exponentially decayed per-token acceptance counts
     decayed_trials: float = 0.0
+    guess: tuple[int, int] | None = None  # (position, token) prompt lookup proposed there
 
     @property
     def acceptance(self) -> float:
@@ -82,6 +84,12 @@ class SpecState:
         self.num_proposed += num_drafts
         self.num_accepted += num_accepted
         self.num_steps += 1
+
+    def observe(self, hit: bool, decay: float) -> None:
+        """Account one unverified guess (a first draft the request did not draft) against
+        the token that came: the estimate only, not the counters of verified drafts."""
+        self.decayed_accepted = decay * self.decayed_accepted + hit
+        self.decayed_trials = decay * self.decayed_trials + 1
 
 
 def step_time(curve: Sequence[tuple[int, float]], rows: float) -> float:
@@ -246,11 +254,14 @@ class Speculator:
         drafts are placeholders of the length it may draft (it runs once sized)."""
         k_max = self.config.num_speculative_tokens
         for req in running:
+            req.spec.guess = None
             if can_speculate(req, self.default_on):
                 if self.model is not None:
                     drafts = [0] * max_drafts_allowed(req, k_max)
                 else:
                     drafts = self.draft(req)
+                    if drafts:  # scored by `observe` unless verified (propose clears it)
+                        req.spec.guess = (len(req.token_ids), drafts[0])
                 if drafts:
                     yield req.spec.acceptance, req, drafts
 
@@ -268,6 +279,7 @@ class Speculator:
             chosen = [(req, d) for (req, _), d in zip(chosen, drafts, strict=True)]
         for req, drafts in chosen:
             req.spec_token_ids = drafts
+            req.spec.guess = None  # verified instead
 
     def would_draft(self, running: Sequence[Request]) -> bool:
         """Whether `propose` would give any request a draft, judged from the tokens known
@@ -290,9 +302,6 @@ class Speculator:
         take = [0] * len(candidates)
         for _, n, j in gains[:num]:
             take[n] = max(take[n], j)
-        for n, (_, req, _) in enumerate(candidates):
-            if not req.spec.num_proposed:  # never verified: one draft learns its acceptance
-                take[n] = max(take[n], 1)
         return self._cap_depth(take, candidates, num_rows) if self.draft_step_cost else take
 
     def _cap_depth(self, take: list[int], candidates, num_rows: int) -> list[int]:
@@ -315,6 +324,15 @@ class Speculator:
         """After an update: the draft model keeps only the KV its drafts earned."""
         if self.model is not None:
             self.model.rewind(request.request_id, request.token_ids)
+
+    def observe(self, request: Request) -> None:
+        """After an update: a request that had a prompt-lookup guess for a position it did
+        not draft scores it against the token that came, so its estimate follows the text
+        while it does not draft (the lookup ran anyway; a draft model's is not run)."""
+        guess, spec = request.spec.guess, request.spec
+        if guess is not None and guess[0] < len(request.token_ids):
+            spec.guess = None
+            spec.observe(request.token_ids[guess[0]] == guess[1], self.config.acceptance_decay)
 
     def release(self, request: Request) -> None:
         """The request finished or was preempted: free its draft-model blocks."""

@@ -174,12 +174,35 @@ def test_sizing_gives_depth_to_the_requests_whose_drafts_are_accepted():
     assert _sized([rejected] * 8) == [0] * 8
 
 
-def test_a_request_never_verified_probes_with_one_draft():
-    """Where the prior 1/2 does not pay (8 rows already compute-bound), a fresh request
-    still gets one draft, so its acceptance is learned; a rejected one then stops."""
-    assert _sized([(0, 0)] * 8, roofline_cost(8.0)) == [1] * 8
-    assert _sized([(2, 0)] * 8, roofline_cost(8.0)) == [0] * 8
-    assert _sized([(8, 8)] * 8, roofline_cost(8.0)) == [0] * 8
+def test_a_request_that_does_not_draft_keeps_scoring_its_guesses():
+    """Prompt lookup's first draft of a request that does not draft is scored against the
+    token that comes: the estimate recovers once the lookup guesses right (a request whose
+    early drafts failed is not shut out for good), without touching the verified-draft
+    counters; a request that drafts is scored by its verification only."""
+    spec = Speculator(SpeculativeConfig(method="ngram", step_cost=roofline_cost(8.0)),
+                      drafter=lambda ids, k: [7] * k)
+    reqs = [decoding(SamplingParams(max_tokens=99)) for _ in range(8)]
+    for r in reqs:
+        for _ in range(10):
+            spec.record(r, 2, 0)
+    low = reqs[0].spec.acceptance
+    for _ in range(12):
+        spec.propose(reqs)  # 8 rows fill the roofline's free rows: no drafts
+        assert not any(r.spec_token_ids for r in reqs)
+        for r in reqs:
+            r.output_token_ids.append(7 if r is not reqs[-1] else 8)  # the last misses
+            r.num_computed_tokens += 1
+            spec.observe(r)
+    assert reqs[0].spec.acceptance > 0.8 > low
+    assert reqs[-1].spec.acceptance < low
+    assert [r.spec.num_proposed for r in reqs] == [20] * 8
+    alone = reqs[:1]
+    spec.propose(alone)  # alone, it drafts: its guess gives way to the verification
+    assert alone[0].spec_token_ids and alone[0].spec.guess is None
+    before = alone[0].spec.acceptance
+    alone[0].output_token_ids.append(7)
+    spec.observe(alone[0])
+    assert alone[0].spec.acceptance == before
 
 
 def test_this_cpus_curve_drafts_where_eight_requests_are_accepted():
