@@ -224,7 +224,8 @@ def table_speculative(d):
             "same tokens |", "|---|---|---:|---:|---:|---:|---:|---|"]
     rows += [f"| {method(r)} | {r['task']} | {r['concurrency']} | {r['plain_tok_s']:.1f} | "
              f"{r['speculative_tok_s']:.1f} | {r['ratio']:.2f} | {r['acceptance']:.2f} | "
-             f"{'yes' if r['identical_tokens'] else 'NO'} |" for r in d["rows"]]
+             f"{'yes' if r['identical_tokens'] else 'NO'} |"
+             for r in sorted(d["rows"], key=lambda r: method(r) != "n-gram")]
     out = [_src(d, "bench_speculative.py", "speculative"), "", *rows]
     if "row_cost" in d:
         out += ["", *_row_cost_lines(d["row_cost"])]
