@@ -8,10 +8,11 @@ first. Greedy speculation is exact, so both sides generate the same tokens (chec
 Metric: decode tokens/s, i.e. tokens generated after every request of the round has its
 first token, over the time from then to the end (prefill is the same on both sides).
 
-Also measured: the cost of one forward step against the number of query rows in it
-(decode rows of 8 sequences, 1..9 rows each), the curve behind the sizing policy
-(mlxkv.speculative: rows up to `free_rows` per step cost about one; beyond, each costs its
-compute and the batch does not speculate).
+Also measured: the cost of one forward step against the number of query rows in it (one
+sequence with 1..16 rows, eight sequences with 8..64 rows between them, at a 600-token
+context), the curve behind the sizing policy (mlxkv.speculative maximises expected tokens
+per step time over `SpeculativeConfig.step_cost`; "step_cost" in the JSON is this run's
+curve in that form).
 
     python benchmarks/bench_speculative.py                       # SmolLM2, ~10 minutes
     python benchmarks/bench_speculative.py --quick               # tiny random model
@@ -121,45 +122,76 @@ def measure_task(engines: dict, prompts: list, params, repeats: int) -> dict:
                      for side, rs in runs.items()}}
 
 
-def row_cost(runner_engine, rows_per_seq=(1, 2, 3, 5, 9), num_seqs: int = 8,
-             context: int = 256, repeats: int = 5) -> list[dict]:
-    """Forward-step time of num_seqs sequences with r query rows each (interleaved)."""
+ROWS_ONE_SEQ = (1, 2, 4, 8, 12, 16)
+ROWS_EIGHT_SEQS = (8, 12, 16, 20, 24, 25, 28, 32, 40, 48, 64)
+
+
+def row_cost(engine, context: int = 600, repeats: int = 5,
+             grid=((1, ROWS_ONE_SEQ), (8, ROWS_EIGHT_SEQS))) -> list[dict]:
+    """Forward-step time by total query rows, for each (num_seqs, totals) of `grid`: every
+    sequence at `context` tokens, the rows spread evenly (as verification rows, each row's
+    logits computed), the totals interleaved within each repeat; medians."""
     import mlx.core as mx
 
     from mlxkv.inputs import SeqEntry, build_batch
 
-    engine = runner_engine
     cache, runner = engine.cache, engine.runner
-    ids = [f"rc{i}" for i in range(num_seqs)]
-    top = max(rows_per_seq)
-    for n, rid in enumerate(ids):
-        cache.lookup(rid, [])
-        cache.allocate_slots(rid, context + top)
-        toks = [(7 * i + n) % 400 + 1 for i in range(context)]
-        entry = SeqEntry(toks, 0, cache.slot_mapping(rid, 0, context), cache.block_tables(rid))
-        mx.eval(runner.forward(build_batch([entry])), engine.store.arrays())
+    curve = []
+    for num_seqs, totals in grid:
+        ids = [f"rc{num_seqs}_{i}" for i in range(num_seqs)]
+        top = -(-max(totals) // num_seqs)
+        for n, rid in enumerate(ids):
+            cache.lookup(rid, [])
+            cache.allocate_slots(rid, context + top)
+            toks = [(7 * i + n) % 400 + 1 for i in range(context)]
+            entry = SeqEntry(toks, 0, cache.slot_mapping(rid, 0, context),
+                             cache.block_tables(rid))
+            mx.eval(runner.forward(build_batch([entry])), engine.store.arrays())
 
-    def step(r: int) -> float:
-        entries = [SeqEntry([5] * r, context, cache.slot_mapping(rid, context, context + r),
-                            cache.block_tables(rid), True, r) for rid in ids]
-        start = time.perf_counter()
-        mx.eval(runner.forward(build_batch(entries)), engine.store.arrays())
-        return time.perf_counter() - start
+        def step(total: int, ids=ids) -> float:
+            base, extra = divmod(total, len(ids))
+            entries = []
+            for i, rid in enumerate(ids):
+                r = base + (i < extra)
+                entries.append(SeqEntry([5] * r, context, cache.slot_mapping(
+                    rid, context, context + r), cache.block_tables(rid), True, r))
+            start = time.perf_counter()
+            mx.eval(runner.forward(build_batch(entries)), engine.store.arrays())
+            return time.perf_counter() - start
 
-    times: dict[int, list[float]] = {r: [] for r in rows_per_seq}
-    for _ in range(repeats):
-        for r in rows_per_seq:
-            times[r].append(step(r))
-    for rid in ids:
-        cache.free(rid)
-    base = statistics.median(times[rows_per_seq[0]])
-    return [{"rows_per_seq": r, "rows": r * num_seqs, "step_ms": statistics.median(t) * 1e3,
-             "vs_one_row": statistics.median(t) / base} for r, t in times.items()]
+        times: dict[int, list[float]] = {r: [] for r in totals}
+        for rep in range(repeats + 1):
+            for r in totals:
+                t = step(r)
+                if rep:  # the first round warms up
+                    times[r].append(t)
+        for rid in ids:
+            cache.free(rid)
+        curve += [{"num_seqs": num_seqs, "rows": r, "step_ms": statistics.median(t) * 1e3}
+                  for r, t in times.items()]
+    one = next(c["step_ms"] for c in curve if c["rows"] == 1)
+    for c in curve:
+        c["vs_one_row"] = c["step_ms"] / one
+    return curve
+
+
+def fit_step_cost(curve: list[dict]) -> list[tuple[int, float]]:
+    """A `SpeculativeConfig.step_cost` curve from the measurement: one sequence's points
+    below 8 rows, eight sequences' from 8, relative to the one-row step, made
+    non-decreasing."""
+    pts = sorted((c["rows"], c["vs_one_row"]) for c in curve
+                 if (c["num_seqs"] == 1) == (c["rows"] < 8))
+    knots, top = [], 0.0
+    for rows, cost in pts:
+        top = max(top, cost)
+        knots.append((rows, round(top, 2)))
+    return knots
 
 
 def fit_r0(curve: list[dict]) -> float:
-    """R0 of step_time ~ t1 * (R0 + rows): least squares over the curve."""
-    xs, ys = [c["rows"] for c in curve], [c["step_ms"] for c in curve]
+    """R0 of step_time ~ t1 * (R0 + rows): least squares over the eight-sequence points."""
+    pts = [c for c in curve if c["num_seqs"] == 8] or curve
+    xs, ys = [c["rows"] for c in pts], [c["step_ms"] for c in pts]
     mx_, my = statistics.fmean(xs), statistics.fmean(ys)
     slope = sum((x - mx_) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
         (x - mx_) ** 2 for x in xs)
@@ -175,13 +207,18 @@ def build_engines(loaded, args) -> dict:
     if args.method == "draft":
         draft = {"draft_model": args.draft_model or args.model or "tiny",
                  "draft_layers": args.draft_layers, "draft_cost": args.draft_cost}
-    spec = SpeculativeConfig(method=args.method, num_speculative_tokens=args.k,
-                             free_rows=args.free_rows, **draft)
+    cost = {"step_cost": parse_step_cost(args.step_cost)} if args.step_cost else {}
+    spec = SpeculativeConfig(method=args.method, num_speculative_tokens=args.k, **cost, **draft)
     # --quick: the tiny model has no folder to load the draft from: it drafts for itself
     own = loaded if args.method == "draft" and isinstance(loaded, tuple) else None
     return {"plain": LLM(base, loaded=loaded).engine,
             "speculative": LLM(replace(base, speculative=spec), loaded=loaded,
                                draft=own).engine}
+
+
+def parse_step_cost(text: str) -> tuple[tuple[int, float], ...]:
+    """"1:1,8:1.5,24:2.5" -> ((1, 1.0), (8, 1.5), (24, 2.5))."""
+    return tuple((int(r), float(c)) for r, c in (k.split(":") for k in text.split(",")))
 
 
 def variant(row: dict) -> tuple:
@@ -224,7 +261,9 @@ def main(argv=None) -> dict:
     p.add_argument("--passage-chars", type=int, default=600)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--k", type=int, default=8, help="num_speculative_tokens")
-    p.add_argument("--free-rows", type=float, default=8.0)
+    p.add_argument("--step-cost", default=None,
+                   help="the sizing's step-time curve, rows:time,... (default: the config's)")
+    p.add_argument("--row-cost-context", type=int, default=600)
     p.add_argument("--kv-memory", type=int, default=256 << 20)
     p.add_argument("--no-row-cost", action="store_true")
     p.add_argument("--method", default="ngram", choices=["ngram", "draft"])
@@ -270,10 +309,13 @@ def main(argv=None) -> dict:
                   f"{r['identical_tokens']}", flush=True)
     result["rows"] = rows
     if not args.no_row_cost:
-        curve = row_cost(engines["plain"], context=64 if args.quick else 256)
-        result["row_cost"] = {"curve": curve, "r0_rows": fit_r0(curve)}
-        print("row cost (8 seqs):", ", ".join(f"{c['rows']} rows {c['step_ms']:.0f} ms"
-                                              for c in curve), f"-> R0 {fit_r0(curve):.1f}")
+        grid = ((1, (1, 2, 4)), (8, (8, 16, 32))) if args.quick else None
+        curve = row_cost(engines["plain"], context=64 if args.quick else args.row_cost_context,
+                         **({"grid": grid, "repeats": 2} if grid else {}))
+        result["row_cost"] = {"curve": curve, "r0_rows": fit_r0(curve),
+                              "step_cost": fit_step_cost(curve)}
+        print("row cost:", ", ".join(f"{c['num_seqs']}x{c['rows']} rows {c['step_ms']:.0f} ms"
+                                     for c in curve), f"-> step_cost {fit_step_cost(curve)}")
     out_dir = Path(args.out) if args.out else RESULTS
     stem = "speculative_quick" if args.quick else "speculative"
     result = merge_previous(out_dir / f"{stem}.json", result)

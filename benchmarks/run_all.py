@@ -224,12 +224,25 @@ def table_speculative(d):
             "same tokens |", "|---|---|---:|---:|---:|---:|---:|---|"]
     rows += [f"| {method(r)} | {r['task']} | {r['concurrency']} | {r['plain_tok_s']:.1f} | "
              f"{r['speculative_tok_s']:.1f} | {r['ratio']:.2f} | {r['acceptance']:.2f} | "
-             f"{'yes' if r['identical_tokens'] else 'NO'} |" for r in d["rows"]]
+             f"{'yes' if r['identical_tokens'] else 'NO'} |"
+             for r in sorted(d["rows"], key=lambda r: method(r) != "n-gram")]
     out = [_src(d, "bench_speculative.py", "speculative"), "", *rows]
     if "row_cost" in d:
-        curve = ", ".join(f"{c['rows']} rows {c['step_ms']:.0f} ms" for c in d["row_cost"]["curve"])
-        out += ["", f"Step time of 8 sequences by query rows: {curve}; fitted R0 = "
-                f"{d['row_cost']['r0_rows']:.1f} rows."]
+        out += ["", *_row_cost_lines(d["row_cost"])]
+    return out
+
+
+def _row_cost_lines(cost: dict) -> list[str]:
+    """The step-time curve behind the sizing (older files: 8 sequences only, no fit)."""
+    by_seqs: dict[int, list[str]] = {}
+    for c in cost["curve"]:
+        by_seqs.setdefault(c.get("num_seqs", 8), []).append(
+            f"{c['rows']} rows {c['step_ms']:.0f} ms")
+    out = [f"Step time of {n} sequence{'s' if n > 1 else ''} by query rows: {', '.join(pts)}."
+           for n, pts in by_seqs.items()]
+    if "step_cost" in cost:
+        knots = ", ".join(f"{r}: {t:.2f}" for r, t in cost["step_cost"])
+        out.append(f"As a step_cost curve (rows: time relative to one row): {knots}.")
     return out
 
 

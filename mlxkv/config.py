@@ -20,6 +20,33 @@ def _check(cond: bool, name: str, allowed: str) -> None:
         raise ValueError(f"{name} must be {allowed}")
 
 
+# Step time by query rows, relative to a one-row step: SmolLM2-135M fp32 decoding at a
+# 256..600-token context on 2 AMD EPYC cores with the compiled small-M linear (up to 24
+# rows; MLX's matmul above, hence the jump at 25), from benchmarks/bench_speculative.py
+# (row_cost) on the idle and on the loaded machine (docs/speculative.md, Sizing).
+CPU_STEP_COST: tuple[tuple[int, float], ...] = (
+    (1, 1.0), (2, 1.1), (4, 1.35), (8, 2.1), (16, 2.75), (24, 3.25), (25, 4.4), (32, 4.6),
+    (40, 5.5), (64, 8.2), (72, 8.8))
+
+
+def roofline_cost(free_rows: float) -> tuple[tuple[int, float], ...]:
+    """A `SpeculativeConfig.step_cost` curve for the roofline idealisation: rows up to
+    `free_rows` cost one step (memory-bound), each further row 1 / free_rows of one."""
+    top = int(free_rows)
+    flat = ((top, 1.0),) if top > 1 else ()
+    return ((1, 1.0), *flat, (top + 1, (top + 1) / free_rows))
+
+
+def _check_step_cost(curve: tuple[tuple[int, float], ...]) -> None:
+    rows = [r for r, _ in curve]
+    costs = [c for _, c in curve]
+    increasing = all(a < b for a, b in zip(rows, rows[1:], strict=False))
+    monotone = all(a <= b for a, b in zip(costs, costs[1:], strict=False))
+    _check(len(curve) >= 1 and rows[0] >= 1 and increasing and costs[0] > 0 and monotone,
+           "step_cost", "knots (rows, relative time) with rows >= 1 increasing and times > 0 "
+           "not decreasing")
+
+
 def default_cache_dir() -> Path:
     """Where converted models and other generated files live (never in the repo)."""
     env = os.environ.get("MLXKV_CACHE_DIR")
@@ -133,9 +160,12 @@ class SpeculativeConfig:
     `SamplingParams.speculative` get; a request that opts in under "off" gets prompt lookup.
 
     `num_speculative_tokens` caps the drafts per request and step; `ngram_min`/`ngram_max`
-    bound the n-gram sizes matched; `free_rows` is how many query rows a step runs in the
-    time of one (memory-bound; beyond it the batch is compute-bound and does not draft; see
-    mlxkv.speculative); `acceptance_decay` weighs the acceptance history of a request.
+    bound the n-gram sizes matched; `step_cost` is the step-time curve the sizing
+    maximises expected tokens per second over: knots (query rows, time of a step with that
+    many rows relative to a one-row step), linear between knots and beyond the last along
+    the last segment (mlxkv.speculative; the default is SmolLM2 on this 2-core CPU with the
+    compiled small-M linear, `roofline_cost` builds the memory-bound/compute-bound
+    idealisation); `acceptance_decay` weighs the acceptance history of a request.
 
     Method "draft" (mlxkv.draft_model): `draft_model` names the draft (what `--model`
     accepts; it must share the target's vocabulary), `draft_layers` keeps only its first
@@ -148,7 +178,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 8
     ngram_min: int = 2
     ngram_max: int = 4
-    free_rows: float = 8.0
+    step_cost: tuple[tuple[int, float], ...] = CPU_STEP_COST
     acceptance_decay: float = 0.8
     draft_model: str | None = None
     draft_layers: int | None = None
@@ -169,7 +199,7 @@ class SpeculativeConfig:
         _check(self.draft_cost is None or self.draft_cost >= 0, "draft_cost", ">= 0 or None")
         _check(1 <= self.num_speculative_tokens <= 15, "num_speculative_tokens", "in 1..15")
         _check(1 <= self.ngram_min <= self.ngram_max, "ngram_min", "in 1..ngram_max")
-        _check(self.free_rows >= 1, "free_rows", ">= 1")
+        _check_step_cost(self.step_cost)
         _check(0.0 <= self.acceptance_decay < 1.0, "acceptance_decay", "in [0, 1)")
 
 

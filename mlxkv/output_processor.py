@@ -163,8 +163,9 @@ class OutputProcessor:
         if step.spec:
             outputs += self._update_spec(step, now)
         if self.speculator is not None:  # a draft model keeps the KV of accepted drafts
-            for req in self.scheduler.running:  # (also of drafts the step never verified)
-                self.speculator.rewind(req)
+            for req in self.scheduler.running:  # (also of drafts the step never verified);
+                self.speculator.rewind(req)  # prompt lookup scores the guesses it did not
+                self.speculator.observe(req)  # draft
         return outputs + self.take_pending()
 
     def _update_spec(self, step: StepResult, now: float) -> list[RequestOutput]:

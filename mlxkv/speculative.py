@@ -13,28 +13,32 @@ block table. Invariants:
   * requests whose sampling depends on earlier tokens of the same step (repetition,
     presence and frequency penalties) never speculate.
 
-Draft sizing (a roofline): a step of `rows` query rows costs about max(F, rows) row-times,
-where F (`SpeculativeConfig.free_rows`) is how many rows fit in the time of streaming the
-weights once (memory-bound: rows up to F cost the same as one). A draft accepted with
-probability g adds g expected tokens and one row. Drafts are taken in order of g (a
-per-request acceptance estimate to the power of the draft position) while they raise
-tokens / cost and g >= MIN_GAIN:
+Draft sizing (expected tokens per second): a step of R query rows takes step(R), the
+measured curve `SpeculativeConfig.step_cost` (relative to a one-row step). A decode row
+yields one token; a draft at position j of a request whose drafts are accepted with
+probability a (decayed estimate, prior 1/2) adds g = a^j expected tokens and one row.
+Candidate drafts are ranked by g (those under MIN_GAIN dropped), and the step verifies the
+best e of them for the e that maximises
 
-    rows + 1 <= F   the row is free: take it
-    rows + 1 >  F   it costs its compute: take it iff g * rows > expected tokens (never
-                    for a batch of decode rows, whose rows each yield a token already)
+    (decode rows + g_1 + ... + g_e) / step(decode rows + e)
 
-So a lone stream drafts up to F - 1 deep, and a batch that already fills F rows (this
-CPU's compute-bound point) does not speculate at all.
+(fewest rows on a tie), if that beats no drafts by MIN_SPEEDUP. The whole curve is searched, not only the next row's cost: on this
+CPU a step costs little more per row up to the compiled linear's 24 rows and jumps past
+them, so "fill up to 24 rows" can win where "add one more row" would not. High-acceptance
+requests get depth, the others none; a batch whose rows already cost their compute does
+not speculate. With prompt lookup a request that does not draft still scores the first
+draft it would have had against the token that comes (`observe`): the lookup ran anyway,
+and without it a request whose early drafts failed would never draft again, however
+well the drafter later guesses.
 
 A draft model is not free: drafting d deep runs d draft steps (one flat batch each, shared
-by every drafting request), each costing D = draft_cost * F row-times. The rows are sized
+by every drafting request), each costing draft_cost * step(decode rows). The rows are sized
 as above, then every draft is capped at the depth d that maximises expected tokens over
-max(F, rows) + D * d (prompt lookup, D = 0, keeps every row). So the target drafting for
-itself (draft_cost 1) never drafts, and a cheap draft drafts deep only while it is
-accepted. The model drafter is sized before it runs (its drafts always have the full
-length); its cache is rewound to the committed tokens after each update (`rewind`) and
-freed with the request (`release`).
+step(rows) + draft_cost * step(decode rows) * d (prompt lookup, draft_cost 0, keeps every
+row). So the target drafting for itself (draft_cost 1) never drafts, and a cheap draft
+drafts deep only while it is accepted. The model drafter is sized before it runs (its
+drafts always have the full length); its cache is rewound to the committed tokens after
+each update (`rewind`) and freed with the request (`release`).
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ from typing import TYPE_CHECKING, Protocol
 from mlxkv.config import SpeculativeConfig
 
 MIN_GAIN = 0.1  # a draft position accepted with a lower probability is not worth its row
+# Drafts must promise this much more tokens per time than none: the curve is a median of a
+# noisy machine, and a drafting step adds host work (lookup, verification, trim) that
+# cannot overlap the previous step's evaluation.
+MIN_SPEEDUP = 1.1
 
 if TYPE_CHECKING:
     from mlxkv.request import Request
@@ -61,6 +69,7 @@ class SpecState:
     index: NgramIndex | None = None  # the default drafter's n-gram index (built lazily)
     decayed_accepted: float = 0.0  # exponentially decayed per-token acceptance counts
     decayed_trials: float = 0.0
+    guess: tuple[int, int] | None = None  # (position, token) prompt lookup proposed there
 
     @property
     def acceptance(self) -> float:
@@ -75,6 +84,42 @@ class SpecState:
         self.num_proposed += num_drafts
         self.num_accepted += num_accepted
         self.num_steps += 1
+
+    def observe(self, hit: bool, decay: float) -> None:
+        """Account one unverified guess (a first draft the request did not draft) against
+        the token that came: the estimate only, not the counters of verified drafts."""
+        self.decayed_accepted = decay * self.decayed_accepted + hit
+        self.decayed_trials = decay * self.decayed_trials + 1
+
+
+def step_time(curve: Sequence[tuple[int, float]], rows: float) -> float:
+    """Interpolate a step-time curve (knots (rows, time), rows increasing): linear between
+    knots, the first knot's time below it, the last segment's slope past the last knot
+    (flat with a single knot)."""
+    first_rows, first_time = curve[0]
+    if rows <= first_rows or len(curve) == 1:
+        return first_time
+    for (ra, ta), (rb, tb) in zip(curve, curve[1:], strict=False):
+        if rows <= rb:
+            return ta + (tb - ta) * (rows - ra) / (rb - ra)
+    (ra, ta), (rb, tb) = curve[-2], curve[-1]
+    return tb + (tb - ta) * (rows - rb) / (rb - ra)
+
+
+def best_num_drafts(gains: Sequence[float], num_rows: int,
+                    step: Callable[[float], float], margin: float = MIN_SPEEDUP) -> int:
+    """How many of `gains` (expected tokens per draft row, best first) a step of `num_rows`
+    decode rows should verify: the e maximising (num_rows + sum(gains[:e])) / step(num_rows
+    + e), the smallest such e on a tie; 0 unless that beats no drafts by the factor
+    `margin`."""
+    plain = num_rows / step(num_rows)
+    best, best_rate, tokens = 0, plain, float(num_rows)
+    for num, gain in enumerate(gains, 1):
+        tokens += gain
+        rate = tokens / step(num_rows + num)
+        if rate > best_rate:
+            best, best_rate = num, rate
+    return best if best_rate >= margin * plain else 0
 
 
 def ngram_propose(token_ids: Sequence[int], max_drafts: int, min_n: int = 1,
@@ -189,8 +234,8 @@ class Speculator:
         self.default_on = config.method in ("ngram", "draft")
         self.drafter = drafter  # None: each request's incremental NgramIndex
         self.model = model
-        # row-times one draft step costs (module docstring); prompt lookup costs nothing
-        self.draft_step_cost = model.relative_cost * config.free_rows if model else 0.0
+        # one draft step's time / one target step's (module docstring); prompt lookup: 0
+        self.draft_step_cost = model.relative_cost if model else 0.0
         self.counters = {"spec_proposed_tokens": 0, "spec_accepted_tokens": 0,
                          "spec_steps": 0}
 
@@ -209,11 +254,14 @@ class Speculator:
         drafts are placeholders of the length it may draft (it runs once sized)."""
         k_max = self.config.num_speculative_tokens
         for req in running:
+            req.spec.guess = None
             if can_speculate(req, self.default_on):
                 if self.model is not None:
                     drafts = [0] * max_drafts_allowed(req, k_max)
                 else:
                     drafts = self.draft(req)
+                    if drafts:  # scored by `observe` unless verified (propose clears it)
+                        req.spec.guess = (len(req.token_ids), drafts[0])
                 if drafts:
                     yield req.spec.acceptance, req, drafts
 
@@ -231,6 +279,7 @@ class Speculator:
             chosen = [(req, d) for (req, _), d in zip(chosen, drafts, strict=True)]
         for req, drafts in chosen:
             req.spec_token_ids = drafts
+            req.spec.guess = None  # verified instead
 
     def would_draft(self, running: Sequence[Request]) -> bool:
         """Whether `propose` would give any request a draft, judged from the tokens known
@@ -239,35 +288,34 @@ class Speculator:
         candidates = list(self._candidates(running))
         return any(self._size_drafts(candidates, num_rows=len(running)))
 
+    def step_time(self, rows: float) -> float:
+        """A step's time for `rows` query rows, relative to a one-row step."""
+        return step_time(self.config.step_cost, rows)
+
     def _size_drafts(self, candidates, num_rows: int) -> list[int]:
         """How many drafts of each candidate pay for their rows (module docstring), then,
         for a draft model, the depth that pays for its draft steps too."""
         gains = [(alpha**j, n, j) for n, (alpha, _, drafts) in enumerate(candidates)
-                 for j in range(1, len(drafts) + 1)]
-        gains.sort(key=lambda g: -g[0])
-        rows, tokens = float(num_rows), float(num_rows)
+                 for j in range(1, len(drafts) + 1) if alpha**j >= MIN_GAIN]
+        gains.sort(key=lambda g: -g[0])  # stable: a request's positions stay in order
+        num = best_num_drafts([g for g, _, _ in gains], num_rows, self.step_time)
         take = [0] * len(candidates)
-        free = self.config.free_rows
-        for gain, n, j in gains:
-            if gain < MIN_GAIN or (rows + 1 > free and gain * max(rows, free) <= tokens):
-                break
-            if j == take[n] + 1:  # positions are taken in order (gains fall with j)
-                take[n] = j
-                rows += 1
-                tokens += gain
+        for _, n, j in gains[:num]:
+            take[n] = max(take[n], j)
         return self._cap_depth(take, candidates, num_rows) if self.draft_step_cost else take
 
     def _cap_depth(self, take: list[int], candidates, num_rows: int) -> list[int]:
         """Cap every draft at the depth d that maximises expected tokens / cost, where
-        cost = max(F, rows) + D * d (d draft steps, shared by every drafting request)."""
+        cost = step(rows) + draft_cost * step(num_rows) * d (d draft steps, shared by every
+        drafting request)."""
         alphas = [alpha for alpha, _, _ in candidates]
+        draft_step = self.draft_step_cost * self.step_time(num_rows)
 
         def ratio(depth: int) -> float:
             capped = [min(t, depth) for t in take]
             tokens = num_rows + sum(a**j for a, t in zip(alphas, capped, strict=True)
                                     for j in range(1, t + 1))
-            cost = max(self.config.free_rows, num_rows + sum(capped))
-            return tokens / (cost + self.draft_step_cost * depth)
+            return tokens / (self.step_time(num_rows + sum(capped)) + draft_step * depth)
 
         best = max(range(max(take, default=0) + 1), key=lambda d: (ratio(d), -d))
         return [min(t, best) for t in take]
@@ -276,6 +324,15 @@ class Speculator:
         """After an update: the draft model keeps only the KV its drafts earned."""
         if self.model is not None:
             self.model.rewind(request.request_id, request.token_ids)
+
+    def observe(self, request: Request) -> None:
+        """After an update: a request that had a prompt-lookup guess for a position it did
+        not draft scores it against the token that came, so its estimate follows the text
+        while it does not draft (the lookup ran anyway; a draft model's is not run)."""
+        guess, spec = request.spec.guess, request.spec
+        if guess is not None and guess[0] < len(request.token_ids):
+            spec.guess = None
+            spec.observe(request.token_ids[guess[0]] == guess[1], self.config.acceptance_decay)
 
     def release(self, request: Request) -> None:
         """The request finished or was preempted: free its draft-model blocks."""

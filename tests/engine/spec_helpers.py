@@ -8,26 +8,28 @@ from mlxkv.config import CacheConfig, EngineConfig, SchedulerConfig, Speculative
 from mlxkv.llm import LLM
 from mlxkv.speculative import Speculator
 
+FLAT = ((1, 1.0),)  # a step-time curve on which every row is free: no sizing cut
 
-def spec_llm(model, drafter=None, free_rows: float = 1000.0, k: int = 6, **llm_kw):
+
+def spec_llm(model, drafter=None, step_cost=FLAT, k: int = 6, **llm_kw):
     """A tokenizer-less tiny-model LLM whose engine speculates with `drafter` (None: n-gram).
 
-    A large free_rows makes every proposed draft verified (no sizing cut)."""
+    The default flat step_cost makes every proposed draft verified (no sizing cut)."""
     llm = make_llm(model, **llm_kw)
-    config = SpeculativeConfig(method="ngram", free_rows=free_rows,
+    config = SpeculativeConfig(method="ngram", step_cost=step_cost,
                                num_speculative_tokens=k)
     llm.engine.speculator = Speculator(config, drafter)
     return llm
 
 
 def draft_llm(model, draft, layers: int | None = None, draft_cost: float = 0.0,
-              free_rows: float = 1000.0, k: int = 6, num_blocks: int = 256,
+              step_cost=FLAT, k: int = 6, num_blocks: int = 256,
               max_batched: int = 512, max_seqs: int = 32) -> LLM:
     """A tokenizer-less tiny-model LLM speculating with the draft model `draft` (its first
     `layers` layers), built through the production path (EngineConfig, engine_factory).
 
-    draft_cost 0 and a large free_rows: every position the draft may propose is verified."""
-    spec = SpeculativeConfig("draft", num_speculative_tokens=k, free_rows=free_rows,
+    draft_cost 0 and a flat step_cost: every position the draft may propose is verified."""
+    spec = SpeculativeConfig("draft", num_speculative_tokens=k, step_cost=step_cost,
                              draft_model="tiny-draft", draft_layers=layers,
                              draft_cost=draft_cost)
     config = EngineConfig(

@@ -13,9 +13,16 @@ from dataclasses import replace
 
 import pytest
 from oracles import PROMPT, assert_same, make_llm, run
-from spec_helpers import CharTokenizer, oracle_drafter, spec_llm
+from spec_helpers import FLAT, CharTokenizer, oracle_drafter, spec_llm
 
-from mlxkv.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from mlxkv.config import (
+    CPU_STEP_COST,
+    CacheConfig,
+    EngineConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+    roofline_cost,
+)
 from mlxkv.llm import LLM
 from mlxkv.models.tiny import make_tiny_model
 from mlxkv.request import Request
@@ -23,9 +30,11 @@ from mlxkv.sampling import SamplingParams
 from mlxkv.speculative import (
     NgramIndex,
     Speculator,
+    best_num_drafts,
     can_speculate,
     max_drafts_allowed,
     ngram_propose,
+    step_time,
 )
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
@@ -93,7 +102,7 @@ def test_a_request_in_prefill_does_not_speculate():
 
 def test_sizing_drafts_deep_alone_and_not_at_all_in_a_big_batch():
     def proposed(num_running, accepted_history=0):
-        spec = Speculator(SpeculativeConfig(method="ngram", free_rows=8.0),
+        spec = Speculator(SpeculativeConfig(method="ngram", step_cost=roofline_cost(8.0)),
                           drafter=lambda ids, k: [7] * k)
         reqs = [decoding(SamplingParams(max_tokens=99)) for _ in range(num_running)]
         for r in reqs:
@@ -109,6 +118,111 @@ def test_sizing_drafts_deep_alone_and_not_at_all_in_a_big_batch():
     assert proposed(8, accepted_history=10) == [0] * 8  # compute-bound: no drafts
 
 
+# A step-time curve shaped like this CPU's: rows are cheap up to the compiled linear's 24,
+# a step jumps past them, and then every row costs its compute.
+JUMP = ((1, 1.0), (8, 1.6), (24, 2.6), (25, 3.6), (50, 7.2))
+
+
+def test_step_time_interpolates_the_curve():
+    assert step_time(JUMP, 1) == step_time(JUMP, 0.5) == 1.0
+    assert step_time(JUMP, 16) == pytest.approx(2.1)
+    assert step_time(JUMP, 24.5) == pytest.approx(3.1)
+    assert step_time(JUMP, 75) == pytest.approx(10.8)  # the last segment's slope
+    assert step_time(((1, 1.0),), 99) == 1.0  # one knot: every row free
+    assert step_time(roofline_cost(8.0), 8) == 1.0
+    assert step_time(roofline_cost(8.0), 16) == pytest.approx(2.0)
+
+
+def test_best_num_drafts_maximises_tokens_per_time():
+    def cost(rows):
+        return step_time(JUMP, rows)
+
+    assert best_num_drafts([], 8, cost) == 0
+    assert best_num_drafts([0.9] * 40, 8, cost) == 16  # up to 24 rows; row 25 jumps
+    assert best_num_drafts([0.3] * 40, 8, cost) == 0  # (8 + 0.3 e) / cost falls from e = 0
+    assert best_num_drafts([0.5, 0.25, 0.125], 1, cost) == 2
+    flat = ((1, 1.0),)
+    assert best_num_drafts([0.5, 0.2], 1, lambda r: step_time(flat, r)) == 2  # free rows
+
+
+def _sized(histories, curve=JUMP) -> list[int]:
+    """Drafts per request of a batch, each request's history (drafts, accepted) x 10."""
+    spec = Speculator(SpeculativeConfig(method="ngram", step_cost=curve),
+                      drafter=lambda ids, k: [7] * k)
+    reqs = [decoding(SamplingParams(max_tokens=99)) for _ in histories]
+    for r, (num_drafts, num_accepted) in zip(reqs, histories, strict=True):
+        for _ in range(10):
+            spec.record(r, num_drafts, num_accepted)
+    spec.propose(reqs)
+    assert spec.would_draft(reqs) == any(r.spec_token_ids for r in reqs)
+    return [len(r.spec_token_ids) for r in reqs]
+
+
+def test_sizing_fills_the_cheap_rows_and_stops_at_the_jump():
+    accepted = (8, 8)  # an estimate of 0.97
+    assert _sized([accepted] * 8) == [2] * 8  # 8 + 16 = 24 rows: the last cheap one
+    assert _sized([accepted]) == [8]  # alone: k = 8, well inside the cheap rows
+    assert _sized([accepted] * 16) == [1] * 8 + [0] * 8  # 24 rows again
+    assert _sized([accepted] * 24) == [0] * 24  # past the jump: no drafts
+    assert _sized([(0, 0)] * 8) == [1] * 8  # the prior 1/2: one draft each
+
+
+def test_sizing_gives_depth_to_the_requests_whose_drafts_are_accepted():
+    accepted, rejected = (8, 8), (2, 0)  # estimates 0.97 and 0.16
+    assert _sized([accepted] * 4 + [rejected] * 4) == [4] * 4 + [0] * 4
+    assert _sized([accepted] * 3 + [rejected] * 5) == [6, 5, 5, 0, 0, 0, 0, 0]
+    assert _sized([rejected] * 8) == [0] * 8
+
+
+def test_a_request_that_does_not_draft_keeps_scoring_its_guesses():
+    """Prompt lookup's first draft of a request that does not draft is scored against the
+    token that comes: the estimate recovers once the lookup guesses right (a request whose
+    early drafts failed is not shut out for good), without touching the verified-draft
+    counters; a request that drafts is scored by its verification only."""
+    spec = Speculator(SpeculativeConfig(method="ngram", step_cost=roofline_cost(8.0)),
+                      drafter=lambda ids, k: [7] * k)
+    reqs = [decoding(SamplingParams(max_tokens=99)) for _ in range(8)]
+    for r in reqs:
+        for _ in range(10):
+            spec.record(r, 2, 0)
+    low = reqs[0].spec.acceptance
+    for _ in range(12):
+        spec.propose(reqs)  # 8 rows fill the roofline's free rows: no drafts
+        assert not any(r.spec_token_ids for r in reqs)
+        for r in reqs:
+            r.output_token_ids.append(7 if r is not reqs[-1] else 8)  # the last misses
+            r.num_computed_tokens += 1
+            spec.observe(r)
+    assert reqs[0].spec.acceptance > 0.8 > low
+    assert reqs[-1].spec.acceptance < low
+    assert [r.spec.num_proposed for r in reqs] == [20] * 8
+    alone = reqs[:1]
+    spec.propose(alone)  # alone, it drafts: its guess gives way to the verification
+    assert alone[0].spec_token_ids and alone[0].spec.guess is None
+    before = alone[0].spec.acceptance
+    alone[0].output_token_ids.append(7)
+    spec.observe(alone[0])
+    assert alone[0].spec.acceptance == before
+
+
+def test_this_cpus_curve_drafts_where_eight_requests_are_accepted():
+    """The default curve (SmolLM2 on 2 cores, compiled linear): at 8 requests, drafts
+    accepted ~0.85 of the time fill the 24 cheap rows; rejected ones draft nothing."""
+    assert SpeculativeConfig().step_cost == CPU_STEP_COST
+    assert _sized([(1, 1)] * 8, CPU_STEP_COST) == [2] * 8  # estimate 0.85: 24 rows
+    assert _sized([(2, 1)] * 8, CPU_STEP_COST) == [1] * 8  # 0.5: 16 rows
+    assert _sized([(2, 0)] * 8, CPU_STEP_COST) == [0] * 8  # 0.16
+    assert _sized([(8, 8)] * 4 + [(2, 0)] * 4, CPU_STEP_COST) == [4] * 4 + [0] * 4
+    assert _sized([(8, 8)], CPU_STEP_COST) == [8]
+
+
+@pytest.mark.parametrize("curve", [(), ((0, 1.0),), ((1, 1.0), (1, 2.0)),
+                                   ((1, 1.0), (8, 0.5)), ((1, 0.0),)])
+def test_a_step_cost_curve_must_be_increasing_rows_and_not_decreasing_times(curve):
+    with pytest.raises(ValueError, match="step_cost"):
+        SpeculativeConfig(method="ngram", step_cost=curve)
+
+
 class _CostOnly:
     """A ModelDrafter for sizing only (propose is never reached in these checks)."""
 
@@ -121,7 +235,8 @@ def test_sizing_charges_each_draft_model_step():
     free (0) sizes as prompt lookup does; the target drafting for itself (1) never pays;
     a cheap draft drafts shallow until its drafts are accepted."""
     def depths(cost, num_running=1, accepted_history=0):
-        config = SpeculativeConfig(method="draft", draft_model="d", free_rows=8.0)
+        config = SpeculativeConfig(method="draft", draft_model="d",
+                                   step_cost=roofline_cost(8.0))
         spec = Speculator(config, model=_CostOnly(cost))
         reqs = [decoding(SamplingParams(max_tokens=99)) for _ in range(num_running)]
         for r in reqs:
@@ -210,7 +325,7 @@ def test_a_step_that_verifies_drafts_does_not_pipeline_the_next():
     prompts = [PROMPT[:13], PROMPT[4:21]]
     ref = run(make_llm(model), prompts, params)
     fulls = [p + ref[f"r{i}"].token_ids for i, p in enumerate(prompts)]
-    engine = spec_llm(model, oracle_drafter(fulls, corrupt_every=3), free_rows=2.0).engine
+    engine = spec_llm(model, oracle_drafter(fulls, corrupt_every=3), step_cost=roofline_cost(2.0)).engine
     engine.add_request("r0", prompts[0], params)
     tokens = {"r0": [], "r1": []}
     num_steps = 0
@@ -321,7 +436,7 @@ def test_stops_at_the_same_token(stop):
     params = replace(base, **kw)
     config = EngineConfig(cache=CacheConfig(block_size=4, num_blocks=128),
                           scheduler=SchedulerConfig(),
-                          speculative=SpeculativeConfig(method="ngram", free_rows=1e3))
+                          speculative=SpeculativeConfig(method="ngram", step_cost=FLAT))
     outs = []
     for llm in (plain, LLM(config, loaded=(model, CharTokenizer()))):
         llm.engine.eos_token_ids = {stop_at}
