@@ -59,7 +59,7 @@ def _verdict(t: dict) -> str:
 
     lat, tq, aff = best(LATTICE), best(TURBO), best(("affine",))
     if not lat and not tq:
-        return "none within"
+        return f"affine {aff:.2f}x only" if aff else "none within"
     order = sorted([("lattice", lat), ("TurboQuant-style", tq), ("affine", aff)],
                    key=lambda p: -p[1])
     parts = [f"{n} {x:.2f}x" if x else f"{n} none" for n, x in order]
