@@ -15,6 +15,14 @@ def _src(d: dict, cmd: str, name: str) -> str:
             f"{cpu}; results/{name}.json)")
 
 
+def _short(cmd: str) -> str:
+    """A quality.py command line without this machine's paths."""
+    import re
+
+    cmd = re.sub(r" --out \S+", "", cmd)
+    return re.sub(r"--ref-cache \S+", "--ref-cache DIR", cmd)
+
+
 def table_quality(d: dict, name: str) -> list[str]:
     if "by_ctx" not in d:  # a result from before per-window-length runs
         d = {**d, "by_ctx": {str(d["settings"]["ctx"]): {"rows": [
@@ -24,6 +32,7 @@ def table_quality(d: dict, name: str) -> list[str]:
     cmds = d.get("commands") or [s.get("command") or
                                  f"--model {d['model']} --ctx {' '.join(map(str, s['ctx']))} "
                                  f"--windows {s['windows']}"]
+    cmds = [_short(c) for c in cmds]
     out = [_src(d, f"quality.py {cmds[0]}", name), ""]
     if len(cmds) > 1:
         out += ["merged (`--merge`) with " + "; ".join(f"`{c}`" for c in cmds[1:])
@@ -37,7 +46,7 @@ def table_quality(d: dict, name: str) -> list[str]:
             se = f"{r['dppl_se_pct']:.2f}" if "dppl_se_pct" in r else "-"
             out.append(f"| `{r['codec']}` | {r['bytes_per_token']} | {r['x_vs_fp16']:.2f}x | "
                        f"{r['x_vs_fp16_at_ctx']:.2f}x | {r['ppl']:.3f} | "
-                       f"{r['dppl_pct']:+.2f}% | {se} | {r['kl']:.4f} | {r.get('seconds', 0):.0f} |")
+                       f"{r['dppl_pct']:+.2f}% | {se} | {r['kl']:.4f} | {r.get('seconds') or '-'} |")
         out.append("")
     return out
 
@@ -50,7 +59,7 @@ def _verdict(t: dict) -> str:
 
     lat, tq, aff = best(LATTICE), best(TURBO), best(("affine",))
     if not lat and not tq:
-        return "none within"
+        return f"affine {aff:.2f}x only" if aff else "none within"
     order = sorted([("lattice", lat), ("TurboQuant-style", tq), ("affine", aff)],
                    key=lambda p: -p[1])
     parts = [f"{n} {x:.2f}x" if x else f"{n} none" for n, x in order]

@@ -47,9 +47,9 @@ from mlxkv.runner import ModelRunner
 from _kvbytes import geometry, projection, split_bytes  # noqa: E402
 from _quality_results import ctx_block, family_of, finish, merge  # noqa: E402
 
-CODECS = ["auto", "int8", "int6", "int4", "e8:k8v8", "e8:k7v7", "e8:k6v6", "e8:k6v5",
-          "e8:k5v5", "e8:k4v4", "lloyd:k6v6", "lloyd:k6v5", "lloyd:k5v5", "lloyd:k4v4",
-          "d4:k6v5", "auto:3.0x", "auto:3.5x"]
+# issue #16's set: affine, uniform E8 and Lloyd-Max, and one allocation in both families
+CODECS = ["auto", "int8", "int6", "int4", "e8:k6v6", "e8:k5v5", "lloyd:k6v6", "lloyd:k5v5",
+          "auto:3.0x", "auto:3.0x,family=lloyd", "auto:3.5x", "auto:3.5x,family=lloyd"]
 
 
 def windows_from_corpus(tokenizer, ctx: int, num: int, offset_chars: int) -> list[list[int]]:

@@ -30,8 +30,8 @@ HERE = Path(__file__).parent
 DOCS = HERE.parent / "docs"
 RUNS = [
     ["bench_throughput.py"],
-    ["quality.py", "--model", "smollm2-135m-instruct", "--ctx", "2048", "--windows", "4"],
-    ["quality.py", "--model", "gemma3-270m", "--ctx", "2048", "--windows", "4"],
+    ["quality.py", "--model", "smollm2-135m-instruct", "--ctx", "2048", "--windows", "8"],
+    ["quality.py", "--model", "gemma3-270m", "--ctx", "2048", "--windows", "8"],
     ["capacity.py"],
     ["bench_server.py"],
     ["bench_chat.py"],
