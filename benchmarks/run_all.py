@@ -291,7 +291,7 @@ def render(results: Path) -> None:
     tables["quality_iso"] = ("compression.md", None, lambda _: table_iso(both))
     tables["quality_pairs"] = ("compression.md", None, lambda _: table_pairs(both))
     tables["quality_iso_1k_4k"] = ("compression.md", None,
-                                   lambda _: table_iso(both, ("1024", "4096")))
+                                   lambda _: table_iso(both, ("1024",)))
     tables["quality_projection"] = ("compression.md", None, lambda _: table_projection(
         both, {m: _projection_codecs(d) for m, d in both.items()}))
     tables["capacity"] = ("compression.md", "capacity", table_capacity)
