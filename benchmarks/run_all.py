@@ -260,6 +260,11 @@ def table_chat(d, name="chat"):
     return [_src(d, "bench_chat.py", name), "", *rows]
 
 
+def _named(doc: str, name: str, table):
+    """A tables entry whose renderer also names its result file (source line)."""
+    return doc, name, lambda d: table(d, name)
+
+
 def render(results: Path) -> None:
     tables = {
         "throughput": ("benchmarks.md", "throughput", table_throughput),
@@ -272,18 +277,15 @@ def render(results: Path) -> None:
         "linear": ("kernels.md", "linear", table_linear),
         "linear_floor": ("kernels.md", "floor", table_floor),
         "linear_pvd": ("kernels.md", "paged_vs_dense", table_pvd),
-        "pvd_repeat": ("benchmarks.md", "paged_vs_dense_repeat",
-                       lambda d: table_pvd(d, "paged_vs_dense_repeat")),
-        "pvd_codecs": ("benchmarks.md", "paged_vs_dense_codecs",
-                       lambda d: table_pvd(d, "paged_vs_dense_codecs")),
+        "pvd_repeat": _named("benchmarks.md", "paged_vs_dense_repeat", table_pvd),
+        "pvd_codecs": _named("benchmarks.md", "paged_vs_dense_codecs", table_pvd),
         "linear_throughput": ("kernels.md", "throughput", table_throughput),
-        "chat16": ("benchmarks.md", "chat16", lambda d: table_chat(d, "chat16")),
+        "chat16": _named("benchmarks.md", "chat16", table_chat),
         "step_profile": ("benchmarks.md", "step_profile", table_step_profile),
         "speculative": ("speculative.md", "speculative", table_speculative),
-        "quality_smollm2": ("compression.md", "quality_smollm2-135m-instruct",
-                            lambda d: table_quality(d, "quality_smollm2-135m-instruct")),
-        "quality_gemma3": ("compression.md", "quality_gemma3-270m",
-                           lambda d: table_quality(d, "quality_gemma3-270m")),
+        "quality_smollm2": _named("compression.md", "quality_smollm2-135m-instruct",
+                                  table_quality),
+        "quality_gemma3": _named("compression.md", "quality_gemma3-270m", table_quality),
     }
     both = {"SmolLM2-135M": _load("quality_smollm2-135m-instruct", results),
             "Gemma-3-270M": _load("quality_gemma3-270m", results)}
